@@ -60,6 +60,18 @@ def cmd_shards_check(args: argparse.Namespace) -> int:
     return shards.check(Path(args.dir))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from avpgan.train.loop import TrainingStopped, train
+
+    cfg = config_mod.load(args.config, args.overrides)
+    try:
+        train(cfg, resume=args.resume)
+    except (TrainingStopped, FileNotFoundError) as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avpgan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("check", help="decode every sample and verify the manifest")
     q.add_argument("dir")
     q.set_defaults(func=cmd_shards_check)
+
+    p = sub.add_parser("train", help="train the configured stages (resumes automatically)")
+    _add_config_args(p)
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint of the run, default) | never | a checkpoint directory")
+    p.set_defaults(func=cmd_train)
 
     return parser
 

@@ -83,6 +83,7 @@ class DiscriminatorConfig:
     cbam: bool = True
     cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     cbam_reduction: int = 16
+    embed_dim: int = 64  # width of the shared trunk's output that D and C read (Voice2Face: 64)
 
 
 @dataclass
@@ -148,8 +149,13 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    # Weights a stage reads from an earlier one; empty: RUN/<stage>/model.safetensors of this run.
+    voice_weights: str = ""
+    embedder_weights: str = ""
+    gan_weights: str = ""
+    prior_weights: str = ""
     voice: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-3, betas=[0.9, 0.999]))
-    embedder: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-1, betas=[0.9, 0.999]))
+    embedder: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-3, betas=[0.9, 0.999]))
     gan: StageConfig = field(default_factory=lambda: StageConfig(steps=50000, batch_size=128, lr=2e-4, betas=[0.5, 0.999]))
     prior: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
     restore: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
@@ -161,6 +167,15 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local sqlite store in the run dir
     experiment: str = "avpgan"
     run_name: str = ""
+    # Added for train/tracking.py (see docs/mlflow.md):
+    system_metrics: bool = True  # CPU/GPU/memory/disk/network of rank 0's node as system/* metrics
+    system_metrics_interval_s: float = 10.0  # seconds between system metric samples
+    http_timeout_s: int = 10  # MLFLOW_HTTP_REQUEST_TIMEOUT unless already set in the environment
+    http_retries: int = 2  # MLFLOW_HTTP_REQUEST_MAX_RETRIES unless already set in the environment
+    queue_size: int = 1000  # log calls kept while the server is away; beyond: oldest metrics/images dropped
+    retry_max_s: float = 60.0  # longest wait between reconnection attempts during an outage
+    start_timeout_s: float = 10.0  # how long start() waits for the run to exist before training goes on
+    finish_timeout_s: float = 120.0  # how long finish() waits for queued items (uploads) to be sent
 
 
 @dataclass

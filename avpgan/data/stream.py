@@ -1,0 +1,244 @@
+"""The training data stream: WebDataset shards -> batches, as a list of stages.
+
+    shard list (shuffled per epoch) -> node + worker split -> tar to samples (broken members
+    skipped) -> [sample split when shards are scarce] -> shuffle buffer -> fast-forward ->
+    decode (corrupt samples skipped and counted) -> crop / flip -> batch
+
+Why it is built this way:
+- Deterministic for (seed, world size, rank, worker): every random choice (shard order,
+  shuffle buffer, crop offset, flip) comes from an RNG seeded by those numbers and the epoch
+  or the sample's index in the epoch, never from global state. So a run can be restarted at
+  any batch and see exactly the samples, crops and order an uninterrupted run would have seen.
+- Restartable without decoding: a `StreamPosition` records, per loader worker, the epoch and
+  the number of samples taken out of the shuffle buffer. Resuming replays the shuffle of that
+  epoch (reading tar bytes, not decoding audio or images) up to that index; earlier epochs are
+  skipped without reading. The cost is at most one epoch of tar reading per worker.
+- Infinite per rank: each worker cycles through epochs forever, so every rank yields the same
+  number of full batches (as many as the loop asks for) and DDP never waits on a rank whose
+  data ran out. The loop decides how many steps make a run.
+- Not wrapped by `accelerator.prepare`: batches are plain CPU tensors that the loop moves to
+  its device (preparing a WebDataset loader hangs or re-shards).
+- DataLoader workers hand out batches round-robin, always starting at worker 0; after a resume
+  at batch k the workers are relabelled by k mod W so that the batch order continues exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from avpgan.audio import crop_or_tile
+from avpgan.config import DataConfig
+from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+
+
+@dataclass
+class StreamPosition:
+    """Where each loader worker of one rank stands; saved in every checkpoint (per rank)."""
+
+    workers: int = 1
+    next_worker: int = 0  # which logical worker yields the next batch
+    epoch: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)  # samples taken from the shuffle buffer this epoch
+
+    def __post_init__(self) -> None:
+        if not self.epoch:
+            self.epoch = [0] * self.workers
+            self.index = [0] * self.workers
+
+    def update(self, batch: dict) -> None:
+        """Record a batch the loop has consumed (prefetched but unconsumed batches do not count)."""
+        w = int(batch["worker"])
+        self.epoch[w], self.index[w] = int(batch["epoch"]), int(batch["index"])
+        self.next_worker = (w + 1) % self.workers
+
+    def state_dict(self) -> dict:
+        return {"workers": self.workers, "next_worker": self.next_worker, "epoch": list(self.epoch), "index": list(self.index)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "StreamPosition":
+        return cls(state["workers"], state["next_worker"], list(state["epoch"]), list(state["index"]))
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+class ShardStream(IterableDataset):
+    """One rank's infinite, deterministic stream of batches from one split."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        crop_seconds: float | None = None,
+        face128: bool = False,
+        flip: bool = True,
+        workers: int | None = None,
+        position: StreamPosition | None = None,
+    ):
+        self.root = Path(data.shards)
+        manifest = load_manifest(self.root)
+        if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
+            raise ValueError(f"{self.root / 'manifest.json'}: split '{split}' has no shards")
+        info = manifest["splits"][split]
+        self.shards = [str(self.root / s["file"]) for s in info["shards"]]
+        self.num_samples = int(info["samples"])
+        self.num_identities = len(info["identities"])
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.face128, self.flip = face128, flip
+        self.shuffle_buffer = data.shuffle_buffer
+        self.crop_samples = int(round((crop_seconds or data.crop_seconds) * data.sample_rate))
+        self.workers = data.workers if workers is None else workers
+        self.position = position or StreamPosition(max(1, self.workers))
+        if self.position.workers != max(1, self.workers):
+            raise ValueError(
+                f"stream position was saved with {self.position.workers} loader workers, now {self.workers}: "
+                "resume with the same data.workers for an exact stream"
+            )
+        if self.num_samples < world_size * max(1, self.workers):
+            raise ValueError(
+                f"{self.root}: split '{split}' has {self.num_samples} samples, fewer than "
+                f"{world_size} ranks x {max(1, self.workers)} workers"
+            )
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _epoch_shards(self, epoch: int, stream_id: int, streams: int) -> tuple[list[str], int]:
+        """Shard list shuffled by (seed, epoch), then split by node and worker.
+
+        With fewer shards than rank x worker streams every stream reads all shards and keeps
+        every `streams`-th sample instead (returned as the sample stride), so none goes idle.
+        """
+        order = list(self.shards)
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        if len(order) >= streams:
+            return order[stream_id::streams], 1
+        return order, streams
+
+    def _raw_samples(self, epoch: int, stream_id: int, streams: int) -> Iterator[dict]:
+        urls, stride = self._epoch_shards(epoch, stream_id, streams)
+        stages = [
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=self._tar_error),
+        ]
+        if stride > 1:
+            stages.append(wds.slice(stream_id, None, stride))
+        stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                  rng=random.Random(f"{self.seed}/{epoch}/{stream_id}/{streams}")))
+        return iter(wds.DataPipeline(*stages))
+
+    def _tar_error(self, exn: Exception) -> bool:
+        self.tar_errors += 1
+        return True  # keep going: a broken member or shard is skipped, not fatal
+
+    def _prepare(self, raw: dict, epoch: int, index: int, stream_id: int) -> dict | None:
+        try:
+            s = decode_sample(raw, face128=self.face128)
+        except CorruptSample:
+            self.corrupt += 1
+            return None
+        rng = _rng(self.seed, epoch, stream_id, index)
+        audio = crop_or_tile(s["audio"], self.crop_samples, rng)
+        face, face128 = s["face"], s.get("face128")
+        if self.flip and rng.random() < 0.5:
+            face = face[:, ::-1]
+            face128 = face128[:, ::-1] if face128 is not None else None
+        out = {"audio": audio, "face": face, "label": int(s["meta"]["label"]), "key": s["key"]}
+        if self.face128:
+            out["face128"] = face128
+        return out
+
+    def _collate(self, items: list[dict]) -> dict:
+        batch = {
+            "audio": torch.from_numpy(np.stack([it["audio"] for it in items])),
+            "face": torch.from_numpy(np.stack([it["face"] for it in items])).permute(0, 3, 1, 2).float().sub(127.5).div(127.5),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+            "key": [it["key"] for it in items],
+        }
+        if self.face128:
+            batch["face128"] = torch.from_numpy(np.stack([it["face128"] for it in items])).permute(0, 3, 1, 2).float().sub(127.5).div(127.5)
+        return batch
+
+    # -- one logical worker -----------------------------------------------------------------
+
+    def _worker_batches(self, worker: int) -> Iterator[dict]:
+        workers = max(1, self.workers)
+        streams = self.world_size * workers
+        stream_id = self.rank * workers + worker
+        epoch, skip = self.position.epoch[worker], self.position.index[worker]
+        self.tar_errors = self.corrupt = 0
+        items: list[dict] = []
+        while True:
+            seen = 0
+            for index, raw in enumerate(self._raw_samples(epoch, stream_id, streams)):
+                seen += 1
+                if index < skip:
+                    continue  # fast-forward: replay the shuffle, decode nothing
+                item = self._prepare(raw, epoch, index, stream_id)
+                if item is None:
+                    continue
+                items.append(item)
+                if len(items) == self.batch_size:
+                    batch = self._collate(items)
+                    batch.update(worker=worker, epoch=epoch, index=index + 1, corrupt=self.corrupt, tar_errors=self.tar_errors)
+                    items = []
+                    yield batch
+            if seen == 0:
+                raise RuntimeError(f"{self.root}: split '{self.split}' gave stream {stream_id} no samples in epoch {epoch}")
+            # A batch may straddle two epochs: it is recorded at its last sample's position,
+            # which is exact because every earlier sample belongs to it or to an earlier batch.
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = max(1, self.workers)
+        physical = info.id if info is not None else 0
+        if info is not None and info.num_workers != workers:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, stream expects {workers}")
+        return self._worker_batches((physical + self.position.next_worker) % workers)
+
+
+def make_stream(
+    data: DataConfig,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    position: StreamPosition | None = None,
+    crop_seconds: float | None = None,
+    face128: bool = False,
+    flip: bool = True,
+    workers: int | None = None,
+    pin_memory: bool = False,
+) -> tuple[Iterator[dict], StreamPosition]:
+    """An infinite iterator of batches for this rank, and the position the loop must `update`.
+
+    Batches: `audio` int16 [B, S], `face` float32 [B, 3, 64, 64] in [-1, 1], `label` int64 [B]
+    (identity index within the split), optionally `face128`; plus bookkeeping (`worker`,
+    `epoch`, `index`, `corrupt`, `tar_errors`) for `StreamPosition.update` and logging.
+    """
+    ds = ShardStream(
+        data, split, batch_size, rank=rank, world_size=world_size, seed=seed, crop_seconds=crop_seconds,
+        face128=face128, flip=flip, workers=workers, position=position,
+    )
+    if ds.workers == 0:
+        return iter(ds), ds.position
+    loader = DataLoader(ds, batch_size=None, num_workers=ds.workers, pin_memory=pin_memory,
+                        persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork")
+    return iter(loader), ds.position

@@ -1,0 +1,17 @@
+"""Plain torch.nn networks and losses; nothing here imports from train/ or data/.
+
+    VoiceEncoder, SpeakerHead, voice_embedding   log-mel -> unit voice embedding (voice.py)
+    CBAM                                         eq. (2)-(5) attention block (cbam.py)
+    Generator, FaceDiscriminator                 the face GAN: G, and D + C on one trunk (face_gan.py)
+    d_loss, c_loss, g_loss                       eq. (12)-(14) (losses.py)
+    build_voice_encoder, build_generator,
+    build_discriminator                          config section -> module (build.py)
+    convert_file, load_converted                 Voice2Face .pth -> safetensors (convert.py)
+"""
+
+from avpgan.models.build import build_discriminator, build_generator, build_voice_encoder
+from avpgan.models.cbam import CBAM
+from avpgan.models.convert import ConversionError, convert_file, load_converted
+from avpgan.models.face_gan import FaceDiscriminator, Generator
+from avpgan.models.losses import c_loss, d_loss, g_loss
+from avpgan.models.voice import SpeakerHead, VoiceEncoder, voice_embedding

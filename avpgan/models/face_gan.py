@@ -1,0 +1,138 @@
+"""The face GAN: generator G (Fig. 4) and the discriminator/classifier pair D, C (Fig. 5).
+
+Both follow Voice2Face layer for layer, so `spectral_norm=False, cbam=False` *is* the
+Voice2Face baseline (same parameter count, same state-dict layout up to names), and the paper's
+two additions are switches on top:
+
+- spectral normalisation (torch's parametrization, one power iteration per training forward)
+  on G's layers 2-5 and on every D conv except the first and last, as section 3.3 says;
+- CBAM blocks after the activation of the layers named in `cbam_layers`.
+
+Layers are numbered from 1 in the order data flows through them: in G, layer 1 is the
+1x1 -> 4x4 transposed conv, layers 2..len(channels) the x2 upsamplers, the last one the 1x1
+RGB projection; in D, layer 1 is the 1x1 conv, layers 2..len(channels) the stride-2 convs, the
+last one the 4x4 -> 1x1 conv to the embedding. CBAM may follow any layer that has an activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _sn
+
+from avpgan.models.cbam import CBAM
+
+
+def _attention(kind: str, enabled: bool, layers: Sequence[int], widths: Sequence[int], reduction: int) -> nn.ModuleDict:
+    """CBAM blocks keyed by layer number; `widths[k-1]` is layer k's output width."""
+    if not enabled:
+        return nn.ModuleDict()
+    for k in layers:
+        if not 1 <= k <= len(widths):
+            raise ValueError(f"{kind}: cbam_layers entry {k} is not a layer with an activation (valid: 1..{len(widths)})")
+    return nn.ModuleDict({str(k): CBAM(widths[k - 1], reduction) for k in sorted(set(layers))})
+
+
+class Generator(nn.Module):
+    """[B, embed_dim] (or Voice2Face's [B, embed_dim, 1, 1]) -> [B, 3, S, S], S = 4 * 2**(len(channels) - 1).
+
+    The output is unbounded (no tanh, as Voice2Face); images are clamped to [-1, 1] only when saved.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        channels: Sequence[int] = (1024, 512, 256, 128, 64),
+        spectral_norm: bool = True,
+        cbam: bool = True,
+        cbam_layers: Sequence[int] = (2, 3, 4, 5),
+        cbam_reduction: int = 16,
+    ):
+        super().__init__()
+        if len(channels) < 1:
+            raise ValueError("Generator: channels must name at least one layer width")
+        self.embed_dim = embed_dim
+        self.out_size = 4 * 2 ** (len(channels) - 1)
+        convs = [nn.ConvTranspose2d(embed_dim, channels[0], 4, 1, 0)]
+        convs += [nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(channels[:-1], channels[1:])]
+        convs.append(nn.ConvTranspose2d(channels[-1], 3, 1, 1, 0))
+        if spectral_norm:  # layers 2..len(channels): every upsampler, not the first or the RGB layer
+            convs[1:-1] = [_sn(c) for c in convs[1:-1]]
+        self.convs = nn.ModuleList(convs)
+        self.attention = _attention("Generator", cbam, cbam_layers, channels, cbam_reduction)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if embedding.dim() == 4 and embedding.shape[2:] == (1, 1):
+            embedding = embedding.flatten(1)
+        if embedding.dim() != 2 or embedding.shape[1] != self.embed_dim:
+            raise ValueError(f"Generator: expected embeddings [B, {self.embed_dim}], got {tuple(embedding.shape)}")
+        x = embedding[:, :, None, None]
+        last = len(self.convs)
+        for k, conv in enumerate(self.convs, start=1):
+            x = conv(x)
+            if k < last:
+                x = F.relu(x)
+            if str(k) in self.attention:
+                x = self.attention[str(k)](x)
+        return x
+
+
+class FaceDiscriminator(nn.Module):
+    """Real/fake discriminator D and identity classifier C on ONE shared trunk.
+
+    The trunk maps a [B, 3, S, S] face to an embed_dim vector; D = Linear(embed_dim -> 1) and
+    C = Linear(embed_dim -> num_identities), both without bias. Sharing the trunk is Voice2Face's
+    design (its FaceEmbedNet feeds both heads and is updated by both losses): C's identity task
+    shapes the features D judges with, and the pair costs one trunk forward per image instead
+    of two. forward(x) -> (real/fake logit [B], identity logits [B, num_identities]).
+    """
+
+    def __init__(
+        self,
+        num_identities: int,
+        channels: Sequence[int] = (32, 64, 128, 256, 512),
+        spectral_norm: bool = True,
+        cbam: bool = True,
+        cbam_layers: Sequence[int] = (2, 3, 4, 5),
+        cbam_reduction: int = 16,
+        embed_dim: int = 64,
+    ):
+        super().__init__()
+        if len(channels) < 1:
+            raise ValueError("FaceDiscriminator: channels must name at least one layer width")
+        if num_identities < 1:
+            raise ValueError(f"FaceDiscriminator: num_identities must be >= 1, got {num_identities}")
+        self.in_size = 4 * 2 ** (len(channels) - 1)
+        convs = [nn.Conv2d(3, channels[0], 1, 1, 0)]
+        convs += [nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(channels[:-1], channels[1:])]
+        convs.append(nn.Conv2d(channels[-1], embed_dim, 4, 1, 0))
+        if spectral_norm:  # every conv except the first and the last
+            convs[1:-1] = [_sn(c) for c in convs[1:-1]]
+        self.trunk = nn.ModuleList(convs)
+        self.attention = _attention("FaceDiscriminator", cbam, cbam_layers, channels, cbam_reduction)
+        self.real_fake = nn.Linear(embed_dim, 1, bias=False)
+        self.classifier = nn.Linear(embed_dim, num_identities, bias=False)
+
+    def features(self, face: torch.Tensor) -> torch.Tensor:
+        """The shared trunk: [B, 3, S, S] -> [B, embed_dim]."""
+        if face.dim() != 4 or face.shape[1:] != (3, self.in_size, self.in_size):
+            raise ValueError(
+                f"FaceDiscriminator: expected faces [B, 3, {self.in_size}, {self.in_size}] "
+                f"(this trunk's size; resize the images), got {tuple(face.shape)}"
+            )
+        x = face
+        last = len(self.trunk)
+        for k, conv in enumerate(self.trunk, start=1):
+            x = conv(x)
+            if k < last:
+                x = F.leaky_relu(x, 0.2)
+            if str(k) in self.attention:
+                x = self.attention[str(k)](x)
+        return x.flatten(1)
+
+    def forward(self, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(face)
+        return self.real_fake(h).squeeze(1), self.classifier(h)

@@ -1,0 +1,311 @@
+"""Sharded, atomic training checkpoints: every rank writes its part, rank 0 publishes the result.
+
+Layout
+------
+A stage's checkpoints live in `ROOT = RUN/<stage>/checkpoints/`::
+
+    ROOT/step-0001000/
+        .metadata          DCP's index of every tensor and object below (written by rank 0)
+        __0_0.distcp ...   DCP data files, one per writing rank (`torch.distributed.checkpoint`)
+        rank-00000.pt      rank 0's private state: RNG states, data-stream position (one per rank)
+        rank-00001.pt      ...
+        meta.json          step, samples seen, world size, MLflow run id, resolved config, stage
+        COMPLETE           written last: {"step": ..., "world_size": ...}; its presence = valid
+    ROOT/step-0002000/
+    ROOT/step-0003000.tmp/ a save in progress, or the leftovers of one that crashed
+
+The DCP part holds one entry per name in the `state` dict given to `save`: networks (also the
+EMA copy) as plain state dicts, keyed without DDP's `module.` prefix, so they load into an
+unwrapped network as well as a wrapped one; optimizers keyed by parameter name rather than by
+position; anything else (a GradScaler, a scheduler) as its own `state_dict()`. Replicated
+tensors are written once: DCP spreads the writing across ranks.
+
+Why a save cannot be mistaken for a finished one
+------------------------------------------------
+1. rank 0 removes leftovers of crashed saves (`*.tmp`), then every rank writes into
+   `step-NNNNNNN.tmp/` (files fsynced by the writer);
+2. all ranks report success to each other (a failure on any rank fails the save on all ranks);
+3. rank 0 writes `COMPLETE`, fsyncs it and the folder, renames the folder to `step-NNNNNNN`
+   and fsyncs `ROOT`; only then are checkpoints beyond the newest `keep_last` removed.
+
+A kill at any moment therefore leaves either a `.tmp` folder (ignored by `latest()` and removed
+by the next save) or a complete checkpoint; older checkpoints are never removed before the new
+one is complete. Rotation renames a victim to `*.tmp` before deleting it, so a half-deleted
+folder never looks valid either. Re-saving a step that already has a checkpoint swaps the old
+folder out just before the rename; a crash between those two renames loses that one step (the
+older checkpoints remain).
+
+ROOT must be on a file system that every rank sees (one node's disk, NFS, Lustre, ...).
+
+Resuming on a different number of ranks
+---------------------------------------
+Networks, EMA, optimizers and scaler load on any world size: DCP reads each tensor from
+wherever it was written (the networks are replicated under DDP, so nothing is split). The
+per-rank files cannot be remapped (rank 1 of 4 has no counterpart among 2 ranks), so `load`
+returns `None` for the rank state when the world size differs or the rank's file is missing;
+the caller re-seeds its RNGs and restarts the data stream from the new split, and says so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+MARKER = "COMPLETE"
+META = "meta.json"
+_STEP_DIR = re.compile(r"step-(\d{7,})")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def complete(root: Path) -> list[Path]:
+    """Published checkpoints under `root` (those with the marker), oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. Unfinished `.tmp` saves are ignored."""
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    if _distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _inner_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Accelerate's optimizer wrapper steps through the grad scaler; DCP's helpers need the real one."""
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _modules(state: dict[str, object]) -> nn.ModuleDict:
+    """All networks of `state` under their names: optimizers are keyed by parameter names in here."""
+    return nn.ModuleDict({k: v for k, v in state.items() if isinstance(v, nn.Module)})
+
+
+def _check_optimizers(state: dict[str, object], modules: nn.ModuleDict) -> None:
+    known = {id(p) for p in modules.parameters()}
+    for name, obj in state.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            params = [p for g in obj.param_groups for p in g["params"]]
+            if any(id(p) not in known for p in params):
+                raise ValueError(f"checkpoint state: optimizer '{name}' updates parameters of a network that is "
+                                 f"not in the state dict ({', '.join(modules) or 'no networks'}); add that network")
+
+
+def _state_dicts(state: dict[str, object]) -> dict[str, object]:
+    """What DCP writes (or fills in place on load), one entry per name of `state`."""
+    modules = _modules(state)
+    _check_optimizers(state, modules)
+    out: dict[str, object] = {}
+    for name, obj in state.items():
+        if isinstance(obj, nn.Module):
+            out[name] = get_model_state_dict(obj)
+        elif isinstance(obj, torch.optim.Optimizer):
+            # Also gives a fresh optimizer its (zero) moments, so a load has somewhere to put them.
+            out[name] = get_optimizer_state_dict(modules, _inner_optimizer(obj))
+        elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+            out[name] = obj.state_dict()
+        else:
+            raise TypeError(f"checkpoint state '{name}': {type(obj).__name__} has no state_dict()/load_state_dict()")
+    return out
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rank_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank-{rank:05d}.pt"
+
+
+def _encode_rank_state(rank_state: dict) -> bytes:
+    """torch.save bytes that `torch.load(weights_only=True)` accepts; checked now, not at resume time."""
+    buf = io.BytesIO()
+    torch.save(rank_state, buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise TypeError("checkpoint rank_state must hold only JSON-like values (dict, list, tuple, str, numbers, "
+                        f"None) and torch tensors (convert numpy arrays): {e}") from e
+    return data
+
+
+def _remove(path: Path) -> None:
+    """Rename to a `.tmp` name first: a folder that is half deleted must never look complete."""
+    doomed = path.with_name(path.name + ".deleting.tmp")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _clean_stale(root: Path) -> None:
+    for p in root.glob("step-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, step: int, world: int) -> None:
+    """Rank 0, once every rank's files are on disk: marker, fsync, rename."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            _fsync_path(f)
+    _write_synced(tmp / MARKER, json.dumps({"step": step, "world_size": world}).encode())
+    _fsync_path(tmp)
+    if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
+        old = final.with_name(final.name + ".replaced.tmp")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(final.parent)
+
+
+def _rotate(root: Path, keep_last: int, saved: Path) -> None:
+    """Keep the checkpoint just saved and the newest `keep_last - 1` others; 0 keeps everything."""
+    if keep_last <= 0:
+        return
+    others = [p for p in complete(root) if p != saved]
+    for p in others[: max(0, len(others) - (keep_last - 1))]:
+        _remove(p)
+
+
+def _all_ok(error: Exception | None, world: int, what: str) -> None:
+    """Collective: raise on every rank if any rank failed, so no rank waits forever for another."""
+    errors = [f"{type(error).__name__}: {error}" if error else None]
+    if world > 1:
+        mine, errors = errors[0], [None] * world
+        dist.all_gather_object(errors, mine)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if failed:
+        raise RuntimeError(f"{what} failed; " + "; ".join(failed)) from error
+
+
+def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, meta: dict, keep_last: int) -> Path:
+    """Write checkpoint `ROOT/step-NNNNNNN` (collective: every rank calls it) and return its path.
+
+    `state`: networks (DDP-wrapped or not), optimizers and other objects with state_dict();
+    `rank_state`: this rank's own small state (JSON-like values and tensors);
+    `meta`: JSON-able facts about the run, written by rank 0;
+    `keep_last`: complete checkpoints kept after this one is published (0 keeps all).
+    """
+    root = Path(root)
+    rank, world = _rank_world()
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_stale(root)
+        tmp.mkdir()
+    if world > 1:
+        dist.barrier()
+
+    error = None
+    try:
+        _write_synced(_rank_file(tmp, rank), _encode_rank_state(rank_state))
+        if rank == 0:
+            _write_synced(tmp / META, json.dumps(meta, indent=1).encode())
+    except Exception as e:  # reported to every rank below, after DCP's own collectives
+        error = e
+    dcp.save(_state_dicts(state), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=not _distributed())
+    _all_ok(error, world, f"saving checkpoint {tmp}")
+
+    error = None
+    if rank == 0:
+        try:
+            _publish(tmp, final, step, world)
+            _rotate(root, keep_last, final)
+        except Exception as e:
+            error = e
+    _all_ok(error, world, f"publishing checkpoint {final}")
+    return final
+
+
+def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
+    """Restore `state` in place from a complete checkpoint (collective); returns (meta, rank_state).
+
+    rank_state is None when the checkpoint was written by a different number of ranks or this
+    rank's file is missing: the caller must then re-seed and restart its data stream.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MARKER} marker; its save was interrupted). "
+                                f"Use latest() on its parent to find the newest complete one")
+    rank, world = _rank_world()
+    if world > 1:  # all ranks must read the same folder; a stale view of a shared file system would not
+        paths = [None] * world
+        dist.all_gather_object(paths, str(path.resolve()))
+        if len(set(paths)) > 1:
+            raise RuntimeError(f"ranks disagree on the checkpoint to load: {paths}")
+    marker = json.loads((path / MARKER).read_text())
+    meta = json.loads((path / META).read_text())
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [n for n in state if not any(k == n or k.startswith(n + ".") for k in saved)]
+    sds = _state_dicts(state)
+    missing = [n for n in missing if sds[n]]  # an empty state (a disabled GradScaler) needs nothing
+    if missing:
+        names = sorted({k.split(".")[0] for k in saved})
+        raise KeyError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} (it holds {', '.join(names)})")
+    dcp.load(sds, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
+
+    modules = _modules(state)
+    for name, obj in state.items():
+        if isinstance(obj, nn.Module):
+            set_model_state_dict(obj, sds[name])
+        elif isinstance(obj, torch.optim.Optimizer):
+            set_optimizer_state_dict(modules, _inner_optimizer(obj), sds[name])
+        elif sds[name]:
+            obj.load_state_dict(sds[name])
+
+    rank_file = _rank_file(path, rank)
+    rank_state = None
+    if marker["world_size"] == world and rank_file.is_file():
+        rank_state = torch.load(rank_file, weights_only=True)
+    return meta, rank_state

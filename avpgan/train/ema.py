@@ -1,0 +1,29 @@
+"""Exponential moving average of a network's weights (the generator used for samples and export).
+
+Parameters are averaged; buffers (batch-norm statistics, spectral-norm power-iteration vectors)
+are copied, because an average of power-iteration vectors is not a power-iteration vector.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.module.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,254 @@
+"""The one training loop every stage runs under: Accelerate, checkpoints, health, signals, tracking.
+
+Read top to bottom: `train()` makes one Accelerator and one tracker for the run and walks the
+configured stages; `run_stage()` resumes a stage from its newest complete checkpoint, pulls
+batches from the shard stream, calls the stage's `step`, logs, checkpoints, and stops cleanly
+on preemption or too many non-finite losses.
+
+Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/2 steps"):
+- model init is seeded by (seed, stage) on every rank, so all ranks start equal;
+- every step re-seeds torch's RNG from (seed, stage, rank, step), so noise, dropout and
+  augmentation inside a step depend on the step number only, not on what ran before;
+- the data stream is a pure function of its saved `StreamPosition`;
+- models, EMA, optimizers and scaler round-trip exactly through `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from avpgan import config as config_mod
+from avpgan.config import Config
+from avpgan.data.stream import StreamPosition, make_stream
+from avpgan.train import checkpoint, preempt
+from avpgan.train.stages import STAGES, Stage
+from avpgan.train.tracking import Tracker
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite losses); the message says why and what was saved."""
+
+
+def _seed_for(*key) -> int:
+    """A 32-bit seed from any tuple of ints/strings, the same in every process (no `hash()`)."""
+    return int(np.random.SeedSequence([zlib.crc32(str(k).encode()) for k in key]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def write_status(run_dir: Path, **status) -> None:
+    """RUN/status.json tells the batch script whether to requeue (finished | preempted | failed)."""
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, run_dir / "status.json")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    use_cpu = not torch.cuda.is_available()
+    acc = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        # The GAN step forwards D on real and fake in one call and never leaves parameters unused.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return acc
+
+
+def train(cfg: Config, resume: str = "auto") -> Path:
+    """Run every configured stage in order; a finished stage (its model file exists) is skipped."""
+    for name in cfg.train.stages:
+        if name not in STAGES:
+            raise config_mod.ConfigError(f"train.stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
+    run_dir = Path(cfg.train.run_dir)
+    acc = make_accelerator(cfg)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    acc.wait_for_everyone()
+    preempt.install()
+    tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
+    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name)
+    if acc.is_main_process and tracker.run_id:
+        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+    global_step = 0
+    try:
+        for name in cfg.train.stages:
+            stage_cls = STAGES[name]
+            done = run_dir / name / "model.safetensors"
+            steps = getattr(cfg.train, name).steps
+            if done.exists():
+                acc.print(f"[{name}] already finished ({done}); skipping")
+                global_step += steps
+                continue
+            outcome = run_stage(cfg, stage_cls, acc, tracker, run_dir, global_step, resume)
+            if outcome == "preempted":
+                if acc.is_main_process:
+                    write_status(run_dir, state="preempted", stage=name)
+                tracker.finish(status="KILLED")
+                return run_dir
+            global_step += steps
+    except TrainingStopped:
+        if acc.is_main_process:
+            write_status(run_dir, state="failed", stage=name)
+        tracker.finish(status="FAILED")
+        raise
+    if acc.is_main_process:
+        write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
+    tracker.finish()
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def _saved_run_id(run_dir: Path) -> str | None:
+    f = run_dir / "mlflow_run_id"
+    return f.read_text().strip() if f.exists() else None
+
+
+def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tracker, run_dir: Path,
+              global_offset: int, resume: str) -> str:
+    """Train one stage to its configured number of steps; returns 'finished' or 'preempted'."""
+    name = stage_cls.name
+    scfg = getattr(cfg.train, name)
+    stage_dir = run_dir / name
+    ckpt_root = stage_dir / "checkpoints"
+    seed_everything(_seed_for(cfg.train.seed, name, "init"))
+    stage = stage_cls(cfg, acc, run_dir)
+    state = stage.state()
+
+    step, position = 0, StreamPosition(max(1, cfg.data.workers))
+    start = None if resume == "never" else (checkpoint.latest(ckpt_root) if resume == "auto" else Path(resume))
+    if start is not None:
+        meta, rank_state = checkpoint.load(start, state)
+        step = int(meta["step"])
+        if rank_state is not None and "stream" in rank_state:
+            position = StreamPosition.from_state_dict(rank_state["stream"])
+        else:
+            acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
+                      "the data stream restarts from its first epoch with the new split (see docs/training.md)")
+        acc.print(f"[{name}] resumed from {start} at step {step}")
+
+    stream, position = make_stream(
+        cfg.data, stage.split, scfg.batch_size, rank=acc.process_index, world_size=acc.num_processes,
+        seed=_seed_for(cfg.train.seed, name, "data"), position=position, crop_seconds=stage.crop_seconds,
+        face128=stage.face128, pin_memory=acc.device.type == "cuda",
+    )
+    fixed = stage.fixed_inputs() if acc.is_main_process else None
+
+    def save(at_step: int) -> None:
+        checkpoint.save(
+            ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
+            rank_state={"stream": position.state_dict()},
+            meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
+                  "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id, "config": config_mod.to_yaml(cfg)},
+        )
+
+    nonfinite_in_row = 0
+    nonfinite_total = 0
+    bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
+    sums: dict[str, float] = {}
+    window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    while step < scfg.steps:
+        t0 = time.perf_counter()
+        batch = next(stream)
+        position.update(batch)
+        bad_samples[batch["worker"]] = batch["corrupt"] + batch["tar_errors"]
+        t1 = time.perf_counter()
+        torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+        metrics, finite = stage.step(batch, step)
+        step += 1
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        t_data += t1 - t0
+        t_compute += t2 - t1
+        window_steps += 1
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if finite:
+            nonfinite_in_row = 0
+        else:
+            nonfinite_in_row += 1
+            nonfinite_total += 1
+            if nonfinite_in_row >= cfg.train.max_nonfinite:
+                save(step)  # updates were skipped, so this is the last good state
+                raise TrainingStopped(
+                    f"[{name}] {nonfinite_in_row} non-finite losses in a row at step {step}; stopped. "
+                    f"The last good state is saved in {ckpt_root}. Lower the learning rate or use bf16/no mixed precision."
+                )
+
+        if step % cfg.train.log_every == 0 or step == scfg.steps:
+            elapsed = time.perf_counter() - t_window
+            local = torch.tensor([sums.get(k, 0.0) / window_steps for k in sorted(sums)] + [t_data, t_compute, elapsed],
+                                 device=acc.device, dtype=torch.float64)
+            mean = acc.reduce(local, reduction="mean")
+            skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
+            keys = sorted(sums)
+            logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
+            data_s, compute_s, wall = (float(x) for x in mean[len(keys):])
+            logged.update({
+                f"{name}/time_data_ms": 1000 * data_s / window_steps,
+                f"{name}/time_compute_ms": 1000 * compute_s / window_steps,
+                f"{name}/samples_per_s": window_steps * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
+                f"{name}/nonfinite_skipped": nonfinite_total,
+                f"{name}/corrupt_samples": skipped,
+                f"{name}/peak_mem_mb": _peak_memory_mb(acc),
+            })
+            tracker.log_metrics(logged, step=global_offset + step)
+            acc.print(f"[{name}] step {step}/{scfg.steps} " + " ".join(
+                f"{k.split('/')[-1]}={v:.4g}" for k, v in logged.items() if not k.endswith(("_skipped", "_samples"))))
+            sums, window_steps, t_data, t_compute, t_window = {}, 0, 0.0, 0.0, time.perf_counter()
+
+        if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
+            grid = stage.sample_grid(fixed)
+            if grid is not None:
+                tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
+                _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
+
+        if step == scfg.steps:
+            break
+        if preempt.should_stop(acc):
+            save(step)
+            acc.print(f"[{name}] preempted at step {step}, checkpoint saved")
+            return "preempted"
+        if step % cfg.train.checkpoint_every == 0:
+            save(step)
+
+    save(step)
+    if acc.is_main_process:
+        stage.write_model(stage_dir / "model.safetensors")
+    acc.wait_for_everyone()
+    return "finished"
+
+
+def _peak_memory_mb(acc: Accelerator) -> float:
+    if acc.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save_png(grid: np.ndarray, path: Path) -> None:
+    from avpgan.images import save_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, path)

@@ -1,0 +1,86 @@
+"""Preemption: SIGUSR1/SIGTERM (or a stop file) -> a flag -> every rank stops at the same step.
+
+A cluster warns a job before killing it (`#SBATCH --signal=B:USR1@120`, or SIGTERM on
+preemption/cancel). The handler only records the signal: doing I/O, collectives or a checkpoint
+inside a signal handler can deadlock (it may interrupt a collective or a write half way).
+Signals can reach one rank and not another (or in a different step), so the loop asks
+`should_stop(accelerator)` at each step boundary; it reduces the flag across ranks, so all ranks
+get the same answer at the same step, save together and exit 0.
+
+The stop file (`$AVPGAN_STOP_FILE`, set by `launch/launch.sh`) is the second way in: a signal that
+arrives before the workers installed their handlers is ignored by them (the launcher makes the
+torchrun agent and its children ignore SIGUSR1, see docs/slurm.md), while a file cannot be missed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+STOP_FILE_ENV = "AVPGAN_STOP_FILE"
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+# Written by the handler, read by the loop; plain module globals (assignment is atomic in Python).
+_requested = False
+_signal_name: str | None = None
+
+
+def _handler(signum: int, frame: Any) -> None:
+    global _requested, _signal_name
+    _requested = True
+    _signal_name = signal.Signals(signum).name
+
+
+def install(signals: tuple[int, ...] = SIGNALS) -> None:
+    """Route SIGUSR1 and SIGTERM to the flag. Call once, from the main thread, before training."""
+    for sig in signals:
+        signal.signal(sig, _handler)
+
+
+def uninstall(signals: tuple[int, ...] = SIGNALS) -> None:
+    """Restore the default actions (after the last save, a second SIGTERM should kill again)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def stop_file() -> str | None:
+    return os.environ.get(STOP_FILE_ENV) or None
+
+
+def requested() -> bool:
+    """This process alone: has a stop signal arrived, or does the stop file exist?"""
+    path = stop_file()
+    return _requested or (path is not None and os.path.exists(path))
+
+
+def reason() -> str | None:
+    """'SIGUSR1', 'SIGTERM', 'stop file', or None when this rank saw nothing itself."""
+    if _signal_name is not None:
+        return _signal_name
+    path = stop_file()
+    if path is not None and os.path.exists(path):
+        return "stop file"
+    return None
+
+
+def request() -> None:
+    """Ask to stop from code (what the signal handler does)."""
+    global _requested
+    _requested = True
+
+
+def reset() -> None:
+    """Forget a request (a new run in the same process)."""
+    global _requested, _signal_name
+    _requested = False
+    _signal_name = None
+
+
+def should_stop(accelerator: Any) -> bool:
+    """True on every rank when any rank was asked to stop. A collective: call it on all ranks at
+    the same step boundary. Costs one scalar all-reduce and a host sync, so a loop that wants to
+    avoid the sync every step can call it every few steps (the same steps on every rank)."""
+    if requested():
+        accelerator.set_trigger()
+    return bool(accelerator.check_trigger())

@@ -1,0 +1,265 @@
+"""The pipeline's stages: which networks each trains, on which batches, with one `step`.
+
+A stage builds its networks and optimizers, hands them to `accelerator.prepare`, and exposes
+`state()` (everything a checkpoint must hold), `step(batch, step)` (one update, returning
+metrics and whether the update was finite), `write_model(path)` (the weights later stages and
+`avpgan export` read) and, optionally, a fixed-input sample grid for MLflow.
+
+    voice     voice encoder + speaker head, cross-entropy over the train identities
+    embedder  ArcFace IResNet + additive angular margin over the train identities' faces
+    gan       Algorithm 1: frozen voice encoder; D and C (one trunk, two heads) then G; EMA of G
+    prior     the restoration model's StyleGAN2-style face prior, trained on the faces
+    restore   degradation removal + prior with CS-SFT, eq. (7)-(11)
+
+A new stage is one class here, one entry in STAGES and one `train.<name>` config section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from avpgan import models
+from avpgan.config import Config
+from avpgan.data.shards import load_manifest
+from avpgan.data.stream import make_stream
+from avpgan.features import LogMel
+from avpgan.images import make_grid
+from avpgan.train.ema import EMA
+
+
+def read_weights(path: Path, what: str, stage: str) -> dict[str, torch.Tensor]:
+    """The weights a stage needs from an earlier one, with an error that says how to get them."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: {what} weights not found. Train the '{stage}' stage first "
+            f"(train.stages=[{stage}]) or point the config at an existing file."
+        )
+    return load_file(str(path))
+
+
+def write_weights(module: nn.Module, path: Path) -> None:
+    """Safetensors (no pickle), written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def weights_path(cfg: Config, run_dir: Path, stage: str) -> Path:
+    """`train.<stage>_weights` when set, else the stage's model file in this run."""
+    explicit = getattr(cfg.train, f"{stage}_weights")
+    return Path(explicit) if explicit else run_dir / stage / "model.safetensors"
+
+
+def grads_finite(params) -> bool:
+    """After the DDP all-reduce every rank holds the same gradients, so all ranks agree here."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class Stage:
+    name = ""
+    split = "train"
+    face128 = False
+    crop_seconds: float | None = None  # None: data.crop_seconds
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
+        self.scfg = getattr(cfg.train, self.name)
+        manifest = load_manifest(Path(cfg.data.shards))
+        self.num_identities = len(manifest["splits"]["train"]["identities"])
+
+    def adam(self, module: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(module.parameters(), lr=self.scfg.lr, betas=tuple(self.scfg.betas))
+
+    def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
+        """Backward + step, skipped (and reported) when the gradients are not finite."""
+        opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        if self.acc.mixed_precision == "fp16":
+            opt.step()  # the grad scaler skips non-finite steps itself and lowers its scale
+            return not opt.step_was_skipped
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not grads_finite(params):
+            opt.zero_grad(set_to_none=True)
+            return False
+        opt.step()
+        return True
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], bool]:
+        raise NotImplementedError
+
+    def write_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def fixed_inputs(self) -> dict | None:
+        return None
+
+    def sample_grid(self, fixed: dict) -> np.ndarray | None:
+        return None
+
+    def fixed_val_batch(self, n: int = 8) -> dict:
+        """The same voices/faces every time: the first validation batch for seed 0, no flips."""
+        stream, _ = make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True)
+        batch = next(stream)
+        return {k: v.to(self.acc.device) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+
+    def sync_bn(self, module: nn.Module) -> nn.Module:
+        """SyncBatchNorm on multi-GPU only: it raises on CPU."""
+        if self.acc.device.type == "cuda" and self.acc.num_processes > 1:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return module
+
+
+class VoiceClassifier(nn.Module):
+    """Voice encoder + speaker head trained together; only the encoder is kept afterwards."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(mel))
+
+
+class VoiceStage(Stage):
+    name = "voice"
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        super().__init__(cfg, acc, run_dir)
+        net = VoiceClassifier(models.build_voice_encoder(cfg.model.voice), models.SpeakerHead(cfg.model.voice.embed_dim, self.num_identities))
+        self.model, self.opt = acc.prepare(self.sync_bn(net), self.adam(net))
+        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
+
+    def state(self) -> dict:
+        return {"model": self.model, "opt": self.opt}
+
+    def step(self, batch, step):
+        self.model.train()
+        with self.acc.autocast():
+            logits = self.model(self.logmel(batch["audio"]))
+            loss = F.cross_entropy(logits.float(), batch["label"])
+        ok = self.update(loss, self.opt)
+        acc = (logits.argmax(1) == batch["label"]).float().mean()
+        return {"loss": loss.detach(), "accuracy": acc}, ok
+
+    def write_model(self, path: Path) -> None:
+        write_weights(self.acc.unwrap_model(self.model).encoder, path)
+
+
+class ArcFaceTrainer(nn.Module):
+    """Backbone + margin head in one module so DDP syncs both."""
+
+    def __init__(self, backbone: nn.Module, margin: nn.Module):
+        super().__init__()
+        self.backbone, self.margin = backbone, margin
+
+    def forward(self, face: torch.Tensor, label: torch.Tensor):
+        return self.margin(self.backbone(face), label)
+
+
+def build_embedder(cfg: Config) -> nn.Module:
+    e = cfg.model.embedder
+    factory = getattr(models, e.arch, None)
+    if factory is None:
+        raise ValueError(f"model.embedder.arch: unknown backbone '{e.arch}'")
+    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size)
+
+
+class EmbedderStage(Stage):
+    name = "embedder"
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        super().__init__(cfg, acc, run_dir)
+        e = cfg.model.embedder
+        net = ArcFaceTrainer(build_embedder(cfg), models.ArcMarginLoss(e.embed_dim, self.num_identities, s=e.scale, m=e.margin))
+        self.model, self.opt = acc.prepare(self.sync_bn(net), self.adam(net))
+
+    def state(self) -> dict:
+        return {"model": self.model, "opt": self.opt}
+
+    def step(self, batch, step):
+        self.model.train()
+        with self.acc.autocast():
+            loss = self.model(batch["face"], batch["label"])
+        ok = self.update(loss, self.opt)
+        return {"loss": loss.detach()}, ok
+
+    def write_model(self, path: Path) -> None:
+        write_weights(self.acc.unwrap_model(self.model).backbone, path)
+
+
+def load_voice_encoder(cfg: Config, run_dir: Path, device) -> nn.Module:
+    enc = models.build_voice_encoder(cfg.model.voice)
+    enc.load_state_dict(read_weights(weights_path(cfg, run_dir, "voice"), "voice encoder", "voice"))
+    return enc.to(device).eval().requires_grad_(False)
+
+
+class GanStage(Stage):
+    """Algorithm 1. D and C share one trunk (as Voice2Face) and update together on real faces
+    (C) and real vs generated (D); then G updates against the updated D and C."""
+
+    name = "gan"
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        super().__init__(cfg, acc, run_dir)
+        self.encoder = load_voice_encoder(cfg, run_dir, acc.device)
+        g = models.build_generator(cfg.model.generator)
+        d = models.build_discriminator(cfg.model.discriminator, self.num_identities, embed_dim=cfg.model.voice.embed_dim)
+        self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
+        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
+        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
+
+    def state(self) -> dict:
+        return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+    def embed(self, audio: torch.Tensor, noise_std: float) -> torch.Tensor:
+        with torch.no_grad():
+            return models.voice_embedding(self.encoder(self.logmel(audio)), noise_std=noise_std)
+
+    def step(self, batch, step):
+        face, label = batch["face"], batch["label"]
+        emb = self.embed(batch["audio"], self.cfg.model.voice.noise_std)
+        self.g.train()
+        self.d.train()
+        with self.acc.autocast():
+            fake = self.g(emb)
+            logit, id_logits = self.d(torch.cat([face, fake.detach()]))
+            n = face.shape[0]
+            loss_d, parts_d = models.d_loss(logit[:n], logit[n:])
+            loss_c, parts_c = models.c_loss(id_logits[:n], label)
+        ok_d = self.update(loss_d + loss_c, self.opt_d)
+        d_plain = self.acc.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
+        with self.acc.autocast():
+            fake_logit, fake_ids = d_plain(fake)
+            loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
+        ok_g = self.update(loss_g, self.opt_g)
+        d_plain.zero_grad(set_to_none=True)
+        if ok_g:
+            self.ema.update(self.acc.unwrap_model(self.g))
+        metrics = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **parts_d, **parts_c, **parts_g}
+        return metrics, ok_d and ok_g
+
+    def write_model(self, path: Path) -> None:
+        write_weights(self.ema.module, path)
+
+    def fixed_inputs(self) -> dict | None:
+        return self.fixed_val_batch()
+
+    @torch.no_grad()
+    def sample_grid(self, fixed: dict) -> np.ndarray:
+        fake = self.ema(self.embed(fixed["audio"], 0.0)).clamp(-1, 1)
+        return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
+
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (VoiceStage, EmbedderStage, GanStage)}

@@ -1,0 +1,249 @@
+"""Checkpoints with real processes: 2 gloo ranks on CPU, world-size changes, kill -9 during saves."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from avpgan.train import checkpoint
+from ckpt_worker import digest, make_state, rank_state, snapshot, train_step
+from conftest import subprocess_env
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+
+
+def launch(tmp: Path, world: int, *args) -> list[tuple[subprocess.Popen, Path]]:
+    store = tmp / f"store-{uuid.uuid4().hex}"
+    procs = []
+    for rank in range(world):
+        log = tmp / f"{store.name}-{rank}.log"
+        with open(log, "w") as out:
+            cmd = [sys.executable, str(WORKER), str(rank), str(world), str(store), *map(str, args)]
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env()), log))
+    return procs
+
+
+def run(tmp: Path, world: int, *args) -> None:
+    procs = launch(tmp, world, *args)
+    for p, log in procs:
+        try:
+            p.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            kill(procs)
+        assert p.returncode == 0, f"worker {args[0]} failed (rc {p.returncode}):\n{log.read_text()}"
+
+
+def kill(procs) -> None:
+    for p, _ in procs:
+        p.kill()  # SIGKILL
+    for p, _ in procs:
+        p.wait()
+
+
+def assert_same(a, b, where="") -> None:
+    """Bit-identical nested state (tensors by value and dtype)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def differs(a, b) -> bool:
+    try:
+        assert_same(a, b)
+    except AssertionError:
+        return True
+    return False
+
+
+def check_valid(ckpt: Path) -> None:
+    """A checkpoint that claims to be complete holds exactly the state its meta.json describes."""
+    state = make_state(seed=1, world=1)
+    meta, _ = checkpoint.load(ckpt, state)
+    assert meta["step"] == int(ckpt.name.split("-")[1])
+    assert digest(state) == meta["digest"], f"{ckpt}: loaded state is not the state that was saved"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    """2 ranks train 3 steps, saving at steps 2 and 3; snapshots of the state at step 3 per rank."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    run(tmp, 2, "train", tmp / "ckpt", 3, "2,3", 2, tmp / "snap")
+    return tmp
+
+
+def test_two_ranks_to_two_ranks_is_bit_identical(two_rank_run, tmp_path):
+    ckpt = two_rank_run / "ckpt" / "step-0000003"
+    assert [p.name for p in checkpoint.complete(two_rank_run / "ckpt")] == ["step-0000002", "step-0000003"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {".metadata", "meta.json", "COMPLETE", "rank-00000.pt", "rank-00001.pt", "__0_0.distcp", "__1_0.distcp"} <= names
+    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 3, "world_size": 2}
+
+    run(tmp_path, 2, "load", ckpt, tmp_path / "out")
+    for rank in (0, 1):
+        saved = torch.load(two_rank_run / f"snap-{rank}.pt", weights_only=False)
+        loaded = torch.load(tmp_path / f"out-{rank}.pt", weights_only=False)
+        assert differs(saved["state"], snapshot(make_state(seed=1, world=1))), "the test would pass without a load"
+        assert_same(saved["state"], loaded["state"], f"rank {rank}")
+        assert loaded["state"]["opt_g"]["state"][0]["exp_avg"].abs().sum() > 0  # Adam moments are in there
+        assert_same(saved["rank_state"], loaded["rank_state"], f"rank {rank} rank_state")
+        assert loaded["meta"]["step"] == 3 and loaded["meta"]["mlflow_run_id"] == "abc"
+
+
+def test_two_ranks_to_one_process_loads_into_unwrapped_models(two_rank_run):
+    saved = torch.load(two_rank_run / "snap-0.pt", weights_only=False)
+    state = make_state(seed=1, world=1)  # plain nn.Modules, no process group
+    meta, rs = checkpoint.load(two_rank_run / "ckpt" / "step-0000003", state)
+    assert rs is None and meta["world_size"] == 2
+    assert_same(saved["state"], snapshot(state))
+
+
+def test_single_process_round_trip(tmp_path):
+    state = make_state(seed=0, world=1)
+    for step in (1, 2, 3):
+        train_step(state, 0, step)
+    ckpt = checkpoint.save(tmp_path / "ckpt", 3, state, rank_state=rank_state(0, 3), meta={"step": 3}, keep_last=3)
+    assert ckpt == tmp_path / "ckpt" / "step-0000003" and checkpoint.latest(tmp_path / "ckpt") == ckpt
+    fresh = make_state(seed=1, world=1)
+    meta, rs = checkpoint.load(ckpt, fresh)
+    assert meta == {"step": 3}
+    assert_same(snapshot(state), snapshot(fresh))
+    assert_same(rank_state(0, 3), rs)
+    # The restored optimizers and scaler continue exactly like the originals.
+    train_step(state, 0, 4)
+    train_step(fresh, 0, 4)
+    assert_same(snapshot(state), snapshot(fresh))
+
+
+def test_one_process_to_two_ranks(tmp_path):
+    state = make_state(seed=0, world=1)
+    for step in (1, 2):
+        train_step(state, 0, step)
+    ckpt = checkpoint.save(tmp_path / "ckpt", 2, state, rank_state=rank_state(0, 2), meta={"step": 2}, keep_last=1)
+    run(tmp_path, 2, "load", ckpt, tmp_path / "out")
+    for rank in (0, 1):
+        loaded = torch.load(tmp_path / f"out-{rank}.pt", weights_only=False)
+        assert loaded["rank_state"] is None  # written by 1 rank: the caller re-seeds
+        assert_same(snapshot(state), loaded["state"], f"rank {rank}")
+
+
+def test_rotation_runs_only_after_a_complete_save(tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    state = make_state(seed=0, world=1)
+    for step in (1, 2, 3, 4):
+        train_step(state, 0, step)
+        checkpoint.save(root, step, state, rank_state={}, meta={"step": step}, keep_last=2)
+    assert [p.name for p in checkpoint.complete(root)] == ["step-0000003", "step-0000004"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_publish", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint.save(root, 5, state, rank_state={}, meta={"step": 5}, keep_last=1)
+    assert [p.name for p in checkpoint.complete(root)] == ["step-0000003", "step-0000004"]
+    assert (root / "step-0000005.tmp" / ".metadata").is_file()
+    assert checkpoint.latest(root) == root / "step-0000004"
+    with pytest.raises(FileNotFoundError, match="step-0000005.tmp: incomplete checkpoint"):
+        checkpoint.load(root / "step-0000005.tmp", make_state(seed=1, world=1))
+
+    monkeypatch.undo()
+    checkpoint.save(root, 5, state, rank_state={}, meta={"step": 5}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000005"]
+    # Saving the same step again replaces it; keep_last=0 keeps everything.
+    checkpoint.save(root, 5, state, rank_state={}, meta={"step": 5, "again": True}, keep_last=0)
+    checkpoint.save(root, 6, state, rank_state={}, meta={"step": 6}, keep_last=0)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000005", "step-0000006"]
+    assert json.loads((root / "step-0000005" / "meta.json").read_text())["again"] is True
+
+
+def test_clear_errors(tmp_path):
+    state = make_state(seed=0, world=1)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint"):
+        checkpoint.load(tmp_path / "nowhere", state)
+    assert checkpoint.latest(tmp_path / "nowhere") is None
+    ckpt = checkpoint.save(tmp_path, 1, {"g": state["g"]}, rank_state={}, meta={}, keep_last=1)
+    with pytest.raises(KeyError, match=r"step-0000001: checkpoint has no 'd', 'opt_d'"):
+        checkpoint.load(ckpt, {"g": state["g"], "d": state["d"], "opt_d": state["opt_d"]})
+    with pytest.raises(RuntimeError, match="convert numpy arrays"):
+        import numpy as np
+
+        checkpoint.save(tmp_path, 2, state, rank_state={"np_rng": np.random.get_state()}, meta={}, keep_last=1)
+    with pytest.raises(ValueError, match="optimizer 'opt_g' updates parameters of a network that is not in"):
+        checkpoint.save(tmp_path, 3, {"opt_g": state["opt_g"]}, rank_state={}, meta={}, keep_last=1)
+
+
+def wait_for(cond, procs, what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        for p, log in procs:
+            if p.poll() is not None:
+                kill(procs)
+                raise AssertionError(f"worker exited (rc {p.returncode}) while waiting for {what}:\n{log.read_text()}")
+        if time.monotonic() > end:
+            kill(procs)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_kill_between_shards_and_marker(tmp_path):
+    root, flag = tmp_path / "ckpt", tmp_path / "blocked"
+    procs = launch(tmp_path, 2, "block", root, 1, flag)
+    wait_for(flag.exists, procs, "rank 0 to block before the marker")
+    tmp = root / "step-0000002.tmp"
+    # Every rank's data is on disk; only the marker and the rename are missing.
+    assert {".metadata", "meta.json", "rank-00000.pt", "rank-00001.pt"} <= {p.name for p in tmp.iterdir()}
+    kill(procs)
+
+    assert checkpoint.latest(root) == root / "step-0000001"  # keep_last=1, yet step 1 was not rotated away
+    check_valid(root / "step-0000001")
+    run(tmp_path, 2, "train", root, 3, "3", 1, tmp_path / "snap")
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000003"]  # stale .tmp gone, rotation done
+    check_valid(root / "step-0000003")
+
+
+def test_kill_at_random_times_never_leaves_an_invalid_checkpoint(tmp_path):
+    """Ranks resume and save every step; kill -9 them at random moments, three times."""
+    root, rng = tmp_path / "ckpt", random.Random(0)
+    last = 0
+    for cycle in range(3):
+        procs = launch(tmp_path, 2, "loop", root, 2)
+        target = last + 2  # it resumed and published at least two checkpoints of its own
+
+        def progressed():
+            newest = checkpoint.latest(root)
+            return newest is not None and int(newest.name.split("-")[1]) >= target
+
+        wait_for(progressed, procs, f"step {target} (cycle {cycle})")
+        time.sleep(rng.uniform(0.0, 0.4))
+        order = procs if rng.random() < 0.5 else procs[::-1]
+        order[0][0].kill()
+        time.sleep(rng.uniform(0.0, 0.05))
+        kill(procs)
+        if cycle:
+            assert "resumed from" in procs[0][1].read_text()
+
+        found = checkpoint.complete(root)
+        assert 1 <= len(found) <= 2, found
+        for ckpt in found:
+            assert {"rank-00000.pt", "rank-00001.pt"} <= {p.name for p in ckpt.iterdir()}
+            check_valid(ckpt)
+        unfinished = [p for p in root.iterdir() if p not in found]
+        assert all(p.name.endswith(".tmp") for p in unfinished), unfinished
+        last = int(found[-1].name.split("-")[1])
