@@ -8,7 +8,7 @@ the paper compares with, so the cost of the paper's additions reads off one line
 
     python benchmarks/bench_models.py                     # CPU, batch 64, 8 s voice crops
     python benchmarks/bench_models.py --device cuda --repeats 20
-    python benchmarks/bench_models.py --only generator    # rows whose name contains a word
+    python benchmarks/bench_models.py --only "voice,generator,D + C"   # the GAN's rows only
 
 To add a network, append an `Entry` in `entries()`: a name, a zero-argument constructor and a
 function batch -> input tensors (on CPU; they are moved to the device here).
@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument("--identities", type=int, default=924, help="classifier width (the paper's train split)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--only", default="", help="run only rows whose name contains this text")
+    p.add_argument("--only", default="", help="comma-separated texts: run only rows whose name contains one")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +168,8 @@ def main() -> None:
     cfg = config_mod.load(args.config)
     torch.manual_seed(0)
 
-    rows = [e for e in entries(cfg, args.frames, args.identities) if args.only in e.name]
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    rows = [e for e in entries(cfg, args.frames, args.identities) if not wanted or any(w in e.name for w in wanted)]
     print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
           f"batch {args.batch}, median of {args.repeats}")
     head = f"{'network':42s} {'params':>12s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}  {'vs baseline (params, fwd+bwd)':s}"

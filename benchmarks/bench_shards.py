@@ -1,15 +1,17 @@
-"""Why the shards store raw int16 audio and raw uint8 faces, and how fast a build runs.
+"""Why the shards store one raw binary member per sample, and how fast a build runs.
 
     python benchmarks/bench_shards.py [--identities 32 --utterances 8 --seconds 8]
 
-Prints, per CPU core:
+Prints, on one CPU core unless stated:
 1. decode speed and size of one 8 s utterance as WAV (soundfile), FLAC (soundfile), .npy
    (np.load) and raw int16 (np.frombuffer), and of a face at 64 and 128 px as PNG, JPEG q95,
    .npy and raw uint8: the candidates side by side;
-2. the whole per-sample read path of the chosen format: webdataset tar parsing + decode_sample;
-3. shard build throughput (utterances/s, and per worker) with 1 and 2 workers on a generated
-   VoxCeleb/VGGFace-layout tree of 8 s 16 kHz wavs and 224 px JPEG faces.
-The GPU step eats 20-40k samples/s per GPU: compare line 2 with that, divided by loader workers.
+2. webdataset's tar reading with the same bytes split into 4, 2 or 1 members per sample;
+3. shard build throughput (utterances/s, and per worker) with 1 and 2 worker processes on a
+   generated VoxCeleb/VGGFace-layout tree of 8 s 16 kHz wavs and 224 px JPEG faces, and the
+   whole read path of the result (tar parsing + decode_sample).
+The GPU step eats 20-40k samples/s per GPU: divide that by the read path's rate for the loader
+cores one GPU needs.
 """
 
 from __future__ import annotations
@@ -101,6 +103,34 @@ def bench_formats() -> None:
             print(f"  {name:38s} {size:9d} {r:11.0f} {1e6 / r:9.1f}")
 
 
+def bench_members() -> None:
+    """Per-member cost of webdataset's tar reader: same bytes, different member counts."""
+    import tarfile
+
+    import webdataset as wds  # imported here: spawned build workers re-import this file
+
+    rng = np.random.default_rng(2)
+    parts = [b"{" + b"x" * 500 + b"}", rng.bytes(256000), rng.bytes(64 * 64 * 3), rng.bytes(128 * 128 * 3)]
+    layouts = {"4 (json|audio|face|face128)": parts, "2 (json|bin)  <- stored": [parts[0], b"".join(parts[1:])],
+               "1 (everything)": [b"".join(parts)]}
+    print("tar reading (webdataset tarfile_to_samples), 512 samples of 318 KB, one core")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, members in layouts.items():
+            path = f"{tmp}/t.tar"
+            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+                for i in range(512):
+                    for j, b in enumerate(members):
+                        info = tarfile.TarInfo(f"{i:06d}.m{j}")
+                        info.size = len(b)
+                        t.addfile(info, io.BytesIO(b))
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                k = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+                runs.append(k / (time.perf_counter() - t0))
+            print(f"  members per sample {name:28s} {sorted(runs)[2]:8.0f} samples/s (median of 5)")
+
+
 def make_tree(root: Path, identities: int, utterances: int, seconds: float) -> dict:
     rng = np.random.default_rng(1)
     rows = []
@@ -157,6 +187,8 @@ def bench_build(identities: int, utterances: int, seconds: float) -> None:
         print(f"read path, one core ({per_sample / 1024:.0f} KiB per sample on disk):")
         print(f"  tar parsing + decode_sample:           {rate(read_all, 1.0) * len(raws):9.0f} samples/s")
         print(f"  decode_sample alone:                   {rate(lambda: [shards.decode_sample(r) for r in raws]) * len(raws):9.0f} samples/s")
+        print(f"  decode_sample(verify=True) (check):    "
+              f"{rate(lambda: [shards.decode_sample(r, True, True) for r in raws]) * len(raws):9.0f} samples/s")
         shutil.rmtree(tmp / "raw")
 
 
@@ -167,6 +199,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     args = ap.parse_args()
     bench_formats()
+    bench_members()
     bench_build(args.identities, args.utterances, args.seconds)
 
 

@@ -5,11 +5,12 @@ state is a tiny GAN's worth of objects, as the training stages hold them: two DD
 networks, their Adam optimizers, an EMA copy and a GradScaler.
 
 Commands
-    train ROOT STEPS SAVE_AT KEEP SNAP   train, save at the steps listed in SAVE_AT ("2,3"),
-                                         then write this rank's snapshot to SNAP-<rank>.pt
+    train ROOT STEPS SAVE_AT KEEP SNAP   train, save at the steps listed in SAVE_AT ("2,3");
+                                         snapshot at each of those and at the end: SNAP-<step>-<rank>.pt
     block ROOT KEEP FLAG                 save step 1, then save step 2 but stop rank 0 just
                                          before the marker (touches FLAG, sleeps) to be killed
-    load CKPT SNAP                       fresh objects, load CKPT, write the snapshot to SNAP-<rank>.pt
+    load MORE CKPT SNAP [CKPT SNAP ...]  for each CKPT: fresh objects, load it, snapshot to
+                                         SNAP-<rank>.pt, train MORE steps, snapshot to SNAP-after-<rank>.pt
     loop ROOT KEEP                       resume from latest() (checking its digest), then train
                                          and save every step until killed
 """
@@ -113,9 +114,10 @@ def main() -> None:
         root, steps, save_at, keep, snap = Path(args[0]), int(args[1]), args[2], int(args[3]), args[4]
         for step in range(1, steps + 1):
             train_step(state, rank, step)
-            if str(step) in save_at.split(","):
-                save(root, step, state, rank, world, keep)
-        torch.save({"state": snapshot(state), "rank_state": rank_state(rank, steps)}, f"{snap}-{rank}.pt")
+            if str(step) in save_at.split(",") or step == steps:
+                if str(step) in save_at.split(","):
+                    save(root, step, state, rank, world, keep)
+                torch.save({"state": snapshot(state), "rank_state": rank_state(rank, step)}, f"{snap}-{step}-{rank}.pt")
 
     elif command == "block":
         root, keep, flag = Path(args[0]), int(args[1]), Path(args[2])
@@ -133,10 +135,14 @@ def main() -> None:
             save(root, step, state, rank, world, keep)
 
     elif command == "load":
-        ckpt, snap = Path(args[0]), args[1]
-        state = make_state(seed=1, world=world)  # differs from the saved objects until loaded
-        meta, rs = checkpoint.load(ckpt, state)
-        torch.save({"state": snapshot(state), "rank_state": rs, "meta": meta}, f"{snap}-{rank}.pt")
+        more = int(args[0])
+        for ckpt, snap in zip(args[1::2], args[2::2]):
+            state = make_state(seed=1, world=world)  # differs from the saved objects until loaded
+            meta, rs = checkpoint.load(Path(ckpt), state)
+            torch.save({"state": snapshot(state), "rank_state": rs, "meta": meta}, f"{snap}-{rank}.pt")
+            for step in range(meta["step"] + 1, meta["step"] + more + 1):
+                train_step(state, rank, step)
+            torch.save({"state": snapshot(state)}, f"{snap}-after-{rank}.pt")
 
     elif command == "loop":
         root, keep = Path(args[0]), int(args[1])

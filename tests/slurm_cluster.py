@@ -62,7 +62,7 @@ class SlurmCluster:
             "AuthType=auth/none",
             "CredType=cred/none",
             # A requeued job waits cred_expire seconds (default 120) before it may start again.
-            "AuthInfo=cred_expire=3",
+            "AuthInfo=cred_expire=5",
             "SlurmUser=root",
             "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from avpgan.train import checkpoint
-from ckpt_worker import digest, make_state, rank_state, snapshot, train_step
+from ckpt_worker import digest, make_state, rank_state, save, snapshot, train_step
 from conftest import subprocess_env
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
@@ -82,65 +82,83 @@ def check_valid(ckpt: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
-    """2 ranks train 3 steps, saving at steps 2 and 3; snapshots of the state at step 3 per rank."""
+    """2 ranks train 4 steps, saving at steps 2 and 3; snapshots of every rank at steps 2, 3, 4.
+    A single process trains 3 steps and saves at 3. Then 2 ranks load both checkpoints and train
+    one more step from each (one launch for both: starting processes is what costs time)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    run(tmp, 2, "train", tmp / "ckpt", 3, "2,3", 2, tmp / "snap")
+    run(tmp, 2, "train", tmp / "ckpt", 4, "2,3", 2, tmp / "snap")
+    state = make_state(seed=0, world=1)  # here, without a process group
+    for step in (1, 2, 3):
+        train_step(state, 0, step)
+    save(tmp / "ckpt1", 3, state, 0, 1, 1)
+    torch.save({"state": snapshot(state)}, tmp / "snap1-3-0.pt")
+    run(tmp, 2, "load", 1, tmp / "ckpt" / "step-0000003", tmp / "from2", tmp / "ckpt1" / "step-0000003", tmp / "from1")
     return tmp
 
 
-def test_two_ranks_to_two_ranks_is_bit_identical(two_rank_run, tmp_path):
+def without_batchnorm_stats(snap: dict) -> dict:
+    return {name: {k: v for k, v in sd.items() if "running_" not in k and "num_batches" not in k}
+            for name, sd in snap.items()}
+
+
+def test_two_ranks_to_two_ranks_is_bit_identical(two_rank_run):
     ckpt = two_rank_run / "ckpt" / "step-0000003"
     assert [p.name for p in checkpoint.complete(two_rank_run / "ckpt")] == ["step-0000002", "step-0000003"]
     names = {p.name for p in ckpt.iterdir()}
-    assert {".metadata", "meta.json", "COMPLETE", "rank-00000.pt", "rank-00001.pt", "__0_0.distcp", "__1_0.distcp"} <= names
+    assert {".metadata", "meta.json", "COMPLETE", "rank-00000.pt", "rank-00001.pt"} <= names
     assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 3, "world_size": 2}
 
-    run(tmp_path, 2, "load", ckpt, tmp_path / "out")
+    saved = [torch.load(two_rank_run / f"snap-3-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    # Under DDP the ranks share parameters and optimizer states but keep their own batch-norm
+    # statistics until the next forward pass: the checkpoint holds rank 0's.
+    assert differs(saved[0]["state"], saved[1]["state"])
+    assert_same(without_batchnorm_stats(saved[0]["state"]), without_batchnorm_stats(saved[1]["state"]))
+    assert differs(saved[0]["state"], snapshot(make_state(seed=1, world=1))), "the test would pass without a load"
     for rank in (0, 1):
-        saved = torch.load(two_rank_run / f"snap-{rank}.pt", weights_only=False)
-        loaded = torch.load(tmp_path / f"out-{rank}.pt", weights_only=False)
-        assert differs(saved["state"], snapshot(make_state(seed=1, world=1))), "the test would pass without a load"
-        assert_same(saved["state"], loaded["state"], f"rank {rank}")
+        loaded = torch.load(two_rank_run / f"from2-{rank}.pt", weights_only=False)
+        assert_same(saved[0]["state"], loaded["state"], f"rank {rank}")
         assert loaded["state"]["opt_g"]["state"][0]["exp_avg"].abs().sum() > 0  # Adam moments are in there
-        assert_same(saved["rank_state"], loaded["rank_state"], f"rank {rank} rank_state")
+        assert_same(saved[rank]["rank_state"], loaded["rank_state"], f"rank {rank} rank_state")
         assert loaded["meta"]["step"] == 3 and loaded["meta"]["mlflow_run_id"] == "abc"
+        # One more step after the resume is bit-identical to step 4 of the uninterrupted run, on every rank.
+        after = torch.load(two_rank_run / f"from2-after-{rank}.pt", weights_only=False)
+        straight = torch.load(two_rank_run / f"snap-4-{rank}.pt", weights_only=False)
+        assert_same(straight["state"], after["state"], f"rank {rank} after resuming")
 
 
 def test_two_ranks_to_one_process_loads_into_unwrapped_models(two_rank_run):
-    saved = torch.load(two_rank_run / "snap-0.pt", weights_only=False)
+    saved = torch.load(two_rank_run / "snap-3-0.pt", weights_only=False)
     state = make_state(seed=1, world=1)  # plain nn.Modules, no process group
     meta, rs = checkpoint.load(two_rank_run / "ckpt" / "step-0000003", state)
     assert rs is None and meta["world_size"] == 2
     assert_same(saved["state"], snapshot(state))
 
 
+def test_one_process_to_two_ranks(two_rank_run):
+    saved = torch.load(two_rank_run / "snap1-3-0.pt", weights_only=False)
+    for rank in (0, 1):
+        loaded = torch.load(two_rank_run / f"from1-{rank}.pt", weights_only=False)
+        assert loaded["rank_state"] is None  # written by 1 rank: the caller re-seeds
+        assert_same(saved["state"], loaded["state"], f"rank {rank}")
+
+
 def test_single_process_round_trip(tmp_path):
     state = make_state(seed=0, world=1)
     for step in (1, 2, 3):
         train_step(state, 0, step)
-    ckpt = checkpoint.save(tmp_path / "ckpt", 3, state, rank_state=rank_state(0, 3), meta={"step": 3}, keep_last=3)
+    mine = rank_state(0, 3)
+    ckpt = checkpoint.save(tmp_path / "ckpt", 3, state, rank_state=mine, meta={"step": 3}, keep_last=3)
     assert ckpt == tmp_path / "ckpt" / "step-0000003" and checkpoint.latest(tmp_path / "ckpt") == ckpt
     fresh = make_state(seed=1, world=1)
+    assert differs(snapshot(state), snapshot(fresh))
     meta, rs = checkpoint.load(ckpt, fresh)
     assert meta == {"step": 3}
     assert_same(snapshot(state), snapshot(fresh))
-    assert_same(rank_state(0, 3), rs)
+    assert_same(mine, rs)
     # The restored optimizers and scaler continue exactly like the originals.
     train_step(state, 0, 4)
     train_step(fresh, 0, 4)
     assert_same(snapshot(state), snapshot(fresh))
-
-
-def test_one_process_to_two_ranks(tmp_path):
-    state = make_state(seed=0, world=1)
-    for step in (1, 2):
-        train_step(state, 0, step)
-    ckpt = checkpoint.save(tmp_path / "ckpt", 2, state, rank_state=rank_state(0, 2), meta={"step": 2}, keep_last=1)
-    run(tmp_path, 2, "load", ckpt, tmp_path / "out")
-    for rank in (0, 1):
-        loaded = torch.load(tmp_path / f"out-{rank}.pt", weights_only=False)
-        assert loaded["rank_state"] is None  # written by 1 rank: the caller re-seeds
-        assert_same(snapshot(state), loaded["state"], f"rank {rank}")
 
 
 def test_rotation_runs_only_after_a_complete_save(tmp_path, monkeypatch):

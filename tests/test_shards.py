@@ -123,13 +123,16 @@ def test_sample_contents(built, tree):
     assert d["meta"]["gender"] == "f" and d["meta"]["nationality"] == "China" and d["meta"]["voxceleb_id"] == "id10003"
 
 
-def test_decode_sample_names_missing_member(built):
+def test_decode_sample_names_missing_or_short_member(built):
     out, m = built
     raw = samples(out, m["splits"]["val"]["shards"][0]["file"])[0]
-    del raw[shards.RESTORE]
-    assert shards.decode_sample(raw)["face"].shape == (64, 64, 3)  # the 128 face is only read when asked
-    with pytest.raises(shards.CorruptSample, match=r"val-000000\.tar: val-\d+\.restore\.rgb: member missing"):
-        shards.decode_sample(raw, face128=True)
+    assert set(raw) == {"__key__", "__url__", "json", "bin"}
+    assert "face128" not in shards.decode_sample(raw) and shards.decode_sample(raw, face128=True)["face128"].shape == (128, 128, 3)
+    with pytest.raises(shards.CorruptSample, match=r"val-000000\.tar: val-\d+\.bin: \d+ bytes, the json's layout needs"):
+        shards.decode_sample(dict(raw, bin=raw["bin"][:-1]))
+    del raw["bin"]
+    with pytest.raises(shards.CorruptSample, match=r"val-000000\.tar: val-\d+\.bin: member missing"):
+        shards.decode_sample(raw)
 
 
 def test_byte_identical_across_runs_and_worker_counts(built, tree, tmp_path):
@@ -153,6 +156,19 @@ def test_resume_rewrites_only_what_is_missing(built, tree, tmp_path):
     assert not list(tmp_path.glob(".*.partial"))
     rewritten = {n for n, t in keep.items() if n in tar_files(tmp_path) and (tmp_path / n).stat().st_mtime_ns != t}
     assert rewritten == {"val-000001.tar"}
+
+
+def test_changed_settings_rewrite_every_shard(built, tree, tmp_path):
+    out, _ = built
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
+    time.sleep(0.01)
+    m = shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(min_seconds=1.9), SPS, workers=1)
+    assert all((tmp_path / n).stat().st_mtime_ns != t for n, t in before.items())
+    assert m["audio"]["min_seconds"] == 1.9 and m["counts"]["skipped"]["too short after silence removal"] > 1
+    durations = [shards.decode_sample(r)["meta"]["duration"] for s in m["splits"].values() for f in s["shards"]
+                 for r in samples(tmp_path, f["file"])]
+    assert len(durations) == m["counts"]["samples"] > 0 and min(durations) >= 1.9
 
 
 def test_interrupted_cli_build_resumes_to_identical_shards(built, tree, tmp_path):
@@ -215,23 +231,26 @@ def damaged(out: Path, tmp_path: Path) -> Path:
     return tmp_path / "d"
 
 
-def member_offset(path: Path, suffix: str) -> tuple[str, int]:
-    with tarfile.open(path) as t:
-        info = next(i for i in t.getmembers() if i.name.endswith(suffix))
-        return info.name, info.offset_data
-
-
-@pytest.mark.parametrize("suffix", [".audio.s16le", ".face.rgb", ".restore.rgb", ".json"])
-def test_check_names_shard_and_member_of_a_flipped_byte(built, tmp_path, capsys, suffix):
+@pytest.mark.parametrize("part", ["json", "audio", "face", "face128"])
+def test_check_names_shard_and_member_of_a_flipped_byte(built, tmp_path, capsys, part):
     d = damaged(built[0], tmp_path)
     shard = d / "train-000002.tar"
-    name, offset = member_offset(shard, suffix)
+    with tarfile.open(shard) as t:
+        js, bin_ = [i for i in t.getmembers()][:2]
+        meta = json.loads(t.extractfile(js).read())
+    at = {"json": js.offset_data,  # its opening brace
+          "audio": bin_.offset_data + 2 * meta["samples"] - 1,
+          "face": bin_.offset_data + 2 * meta["samples"] + 100,
+          "face128": bin_.offset_data + 2 * meta["samples"] + 64 * 64 * 3 + 100}[part]
     data = bytearray(shard.read_bytes())
-    data[offset + (0 if suffix == ".json" else 101)] ^= 0x5A  # JSON: break its opening brace
+    data[at] ^= 0x5A
     shard.write_bytes(bytes(data))
     assert shards.check(d) == 1
     err = capsys.readouterr().err
-    assert f"{shard}: {name}" in err
+    if part == "json":
+        assert f"{shard}: {js.name}: not the expected JSON" in err
+    else:
+        assert f"{shard}: {bin_.name}: {part} part" in err and "crc32 mismatch" in err
 
 
 def test_check_fails_on_truncated_missing_and_miscounted_shards(built, tmp_path, capsys):

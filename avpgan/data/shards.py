@@ -2,14 +2,15 @@
 
 One sample = one utterance + one face of the same identity:
 
-    <key>.json         identity, label, source paths, duration, crc32 of the other members
-    <key>.audio.s16le  the utterance after silence removal: 16 kHz mono int16, little-endian, raw
-    <key>.face.rgb     data.face_size^2 x 3 uint8 RGB, raw (the GAN's 64 x 64)
-    <key>.restore.rgb  data.restore_size^2 x 3 uint8 RGB, raw (the restoration model's 128 x 128)
+    <key>.json  identity, label, source paths, duration, the layout of <key>.bin, crc32 per part
+    <key>.bin   raw parts back to back: the utterance after silence removal (16 kHz mono int16,
+                little-endian) | the face (face_size^2 x 3 uint8 RGB, the GAN's 64 px) |
+                face128 (restore_size^2 x 3 uint8 RGB, the restoration model's 128 px)
 
-Raw members because the GPU step eats 20-40k samples/s: raw int16 decodes ~16x faster than WAV and
-~400x faster than FLAC, raw faces ~10x faster than PNG/JPEG (benchmarks/bench_shards.py,
-shards/README.md). Features are not stored; the device computes them from the audio.
+Raw because the GPU step eats 20-40k samples/s: np.frombuffer costs nothing while WAV, FLAC, PNG
+and JPEG decoding cost 50-1500 us per part; one binary member rather than one per part because
+each tar member costs the reader ~40 us (benchmarks/bench_shards.py, shards/README.md). Features
+are not stored; the device computes them from the audio.
 
 How a build stays deterministic and restartable:
 - The plan comes first: layout.scan lists the inputs (sorted), every utterance becomes a sample
@@ -52,7 +53,7 @@ from avpgan.images import ImageError, load_rgb, resize
 
 FORMAT = 1
 SPLITS = ("train", "val", "test")
-AUDIO, FACE, RESTORE, META = "audio.s16le", "face.rgb", "restore.rgb", "json"
+META, DATA = "json", "bin"
 SHUFFLE_SEED = "avpgan-shards-v1"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.done\.json)?$")
 
@@ -75,65 +76,62 @@ class CorruptSample(ValueError):
 # ----------------------------------------------------------------------------------------------
 # The sample codec.
 
-
-def encode_sample(key: str, meta: dict, audio: np.ndarray, face: np.ndarray, restore: np.ndarray) -> list[tuple[str, bytes]]:
-    """(member name, bytes) in tar order; meta gains the members' crc32 so `check` can name a
-    flipped byte in data that has no checksum of its own."""
-    blobs = {
-        AUDIO: np.ascontiguousarray(audio, dtype="<i2").tobytes(),
-        FACE: np.ascontiguousarray(face, dtype=np.uint8).tobytes(),
-        RESTORE: np.ascontiguousarray(restore, dtype=np.uint8).tobytes(),
-    }
-    meta = dict(meta, crc32={k: zlib.crc32(v) for k, v in blobs.items()})
-    out = [(f"{key}.{META}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())]
-    return out + [(f"{key}.{k}", v) for k, v in blobs.items()]
+PARTS = ("audio", "face", "face128")  # the order of the parts inside <key>.bin
 
 
-def _member(raw: dict, ext: str, verify: dict | None) -> bytes:
-    where = f"{raw.get('__url__', '?')}: {raw.get('__key__', '?')}.{ext}"
-    data = raw.get(ext)
-    if data is None:
-        raise CorruptSample(f"{where}: member missing", raw.get("__url__", ""), f"{raw.get('__key__')}.{ext}")
-    if verify is not None and zlib.crc32(data) != verify.get(ext):
-        raise CorruptSample(f"{where}: crc32 mismatch (bytes altered)", raw.get("__url__", ""), f"{raw.get('__key__')}.{ext}")
-    return data
+def encode_sample(key: str, meta: dict, audio: np.ndarray, face: np.ndarray, face128: np.ndarray) -> list[tuple[str, bytes]]:
+    """(member name, bytes) in tar order: <key>.json, then <key>.bin = audio | face | face128.
 
-
-def _image(raw: dict, ext: str, side: int, verify: dict | None) -> np.ndarray:
-    data = _member(raw, ext, verify)
-    if len(data) != side * side * 3:
-        raise CorruptSample(
-            f"{raw.get('__url__')}: {raw.get('__key__')}.{ext}: {len(data)} bytes, expected {side}x{side}x3",
-            raw.get("__url__", ""), f"{raw.get('__key__')}.{ext}",
-        )
-    return np.frombuffer(data, dtype=np.uint8).reshape(side, side, 3)
+    The json records the layout (samples, face sizes) and each part's crc32, so `check` can
+    name a flipped byte in data that has no checksum of its own.
+    """
+    parts = [
+        np.ascontiguousarray(audio, dtype="<i2").tobytes(),
+        np.ascontiguousarray(face, dtype=np.uint8).tobytes(),
+        np.ascontiguousarray(face128, dtype=np.uint8).tobytes(),
+    ]
+    meta = dict(meta, samples=int(len(audio)), face_size=int(face.shape[0]), restore_size=int(face128.shape[0]),
+                crc32={name: zlib.crc32(b) for name, b in zip(PARTS, parts)})
+    return [(f"{key}.{META}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()), (f"{key}.{DATA}", b"".join(parts))]
 
 
 def decode_sample(raw: dict, face128: bool = False, verify: bool = False) -> dict:
     """One raw tar sample -> {"key", "audio" int16[S], "face" uint8[H,W,3], ["face128"], "meta"}.
 
-    Arrays are read-only views over the member bytes (no copy: this runs per sample at training
-    rate). `verify` also checks every member's crc32 (what `shards check` does).
+    Arrays are read-only views into the member's bytes (no copy: this runs per sample at
+    training rate). `verify` also checks each part's crc32 (what `shards check` does).
     """
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+
+    def corrupt(ext: str, problem: str) -> CorruptSample:
+        return CorruptSample(f"{url}: {key}.{ext}: {problem}", url, f"{key}.{ext}")
+
+    if META not in raw or DATA not in raw:
+        raise corrupt(META if META not in raw else DATA, "member missing")
     try:
-        meta = json.loads(raw[META]) if META in raw else None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptSample(f"{url}: {key}.{META}: not valid JSON ({e})", url, f"{key}.{META}") from None
-    if not isinstance(meta, dict) or "label" not in meta or "face_size" not in meta:
-        raise CorruptSample(f"{url}: {key}.{META}: member missing or without label/face_size", url, f"{key}.{META}")
-    crcs = meta.get("crc32", {}) if verify else None
-    pcm = _member(raw, AUDIO, crcs)
-    if len(pcm) == 0 or len(pcm) % 2:
-        raise CorruptSample(f"{url}: {key}.{AUDIO}: {len(pcm)} bytes is not int16 audio", url, f"{key}.{AUDIO}")
+        meta = json.loads(raw[META])
+        n, fs, rs = int(meta["samples"]), int(meta["face_size"]), int(meta["restore_size"])
+        meta["label"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise corrupt(META, f"not the expected JSON ({type(e).__name__}: {e})") from None
+    blob = raw[DATA]
+    ends = np.cumsum([2 * n, fs * fs * 3, rs * rs * 3])
+    if n <= 0 or len(blob) != ends[-1]:
+        raise corrupt(DATA, f"{len(blob)} bytes, the json's layout needs {ends[-1]}")
+    if verify:
+        view, start = memoryview(blob), 0
+        for name, end in zip(PARTS, ends):
+            if zlib.crc32(view[start:end]) != meta.get("crc32", {}).get(name):
+                raise corrupt(DATA, f"{name} part (bytes {start}-{end - 1}): crc32 mismatch")
+            start = end
     out = {
         "key": key,
-        "audio": np.frombuffer(pcm, dtype="<i2"),
-        "face": _image(raw, FACE, int(meta["face_size"]), crcs),
+        "audio": np.frombuffer(blob, dtype="<i2", count=n),
+        "face": np.frombuffer(blob, dtype=np.uint8, count=fs * fs * 3, offset=ends[0]).reshape(fs, fs, 3),
         "meta": meta,
     }
     if face128:
-        out["face128"] = _image(raw, RESTORE, int(meta["restore_size"]), crcs)
+        out["face128"] = np.frombuffer(blob, dtype=np.uint8, count=rs * rs * 3, offset=ends[1]).reshape(rs, rs, 3)
     return out
 
 
@@ -161,14 +159,16 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def plan(identities: list[Identity], data: DataConfig, samples_per_shard: int) -> tuple[list[dict], dict]:
+def plan(identities: list[Identity], data: DataConfig, samples_per_shard: int, sources: list[str]) -> tuple[list[dict], dict]:
     """Every shard of the build as a job {file, split, entries, plan}, plus the label index per split.
 
     An entry is one utterance with its identity and the index of its face (utterance i of an
     identity gets face i mod #faces). Each split is sorted, then shuffled with a fixed seed:
     sorted shards would hold a handful of identities each and starve the loader's shuffle buffer.
+    A job's `plan` hash covers everything its shard's bytes depend on (bar the input files'
+    contents), so a resumed build can trust a finished shard whose sidecar carries the same hash.
     """
-    settings = _settings(data)
+    settings = dict(_settings(data), sources=sources)
     faces_digest = {ident.name: _digest(ident.faces) for ident in identities}
     jobs, labels = [], {}
     for split in SPLITS:
@@ -295,9 +295,7 @@ def encode_shard(job: dict) -> dict:
                 "key": e["key"], "name": e["name"], "voxceleb_id": e["voxceleb_id"], "split": job["split"],
                 "label": e["label"], "gender": e["gender"], "nationality": e["nationality"],
                 "duration": round(pcm.size / s["sample_rate"], 4), "source_duration": round(source_seconds, 4),
-                "samples": int(pcm.size), "sample_rate": s["sample_rate"],
-                "face_size": s["face_size"], "restore_size": s["restore_size"],
-                "audio_path": e["audio"], "face_path": face_rel,
+                "sample_rate": s["sample_rate"], "audio_path": e["audio"], "face_path": face_rel,
             }
             for name, data in encode_sample(e["key"], meta, pcm, face, restore):
                 _add(tar, name, data)
@@ -344,8 +342,9 @@ def build(voxceleb: Path, vggface: Path, meta: Path, out: Path, data: DataConfig
     identities, skipped = scan(voxceleb, vggface, meta, data)
     if not identities:
         raise IngestError(f"{meta}: no identity has both voices ({voxceleb}) and faces ({vggface}); {len(skipped)} inputs skipped")
-    jobs, labels = plan(identities, data, samples_per_shard)
+    jobs, labels = plan(identities, data, samples_per_shard, [str(voxceleb.resolve()), str(vggface.resolve())])
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # it appears again only when every shard is done
     _tidy(out, {j["file"] for j in jobs})
 
     sidecars = {j["file"]: sc for j in jobs if (sc := _finished(out, j)) is not None}
@@ -418,7 +417,8 @@ def _manifest(voxceleb, vggface, meta, data, samples_per_shard, identities, jobs
         "format": FORMAT,
         "sources": {"voxceleb": str(voxceleb), "vggface": str(vggface), "meta": str(meta)},
         "samples_per_shard": samples_per_shard,
-        "members": {"meta": META, "audio": AUDIO, "face": FACE, "face128": RESTORE},
+        "members": {"meta": META, "data": DATA, "layout": "audio int16 little-endian [samples] | face uint8 "
+                    "[face_size, face_size, 3] | face128 uint8 [restore_size, restore_size, 3]"},
         "audio": {"sample_rate": data.sample_rate, "dtype": "int16", "byte_order": "little", "channels": 1,
                   "silence_removal": "librosa.effects.split", "vad_top_db": data.vad_top_db,
                   "min_seconds": data.min_seconds, "resampler": "soxr_hq", "stereo": "mean of channels"},
@@ -512,8 +512,6 @@ def check(dir: Path) -> int:
                     if m.get("split") != split or info["labels"].get(m.get("name")) != m.get("label"):
                         errors.append(f"{where}.{META}: identity {m.get('name')!r} / label {m.get('label')} / split "
                                       f"{m.get('split')!r} do not match the manifest's {split} labels")
-                    if m.get("samples") != s["audio"].size:
-                        errors.append(f"{where}.{AUDIO}: {s['audio'].size} samples, json says {m.get('samples')}")
                     if s["key"] in keys:
                         errors.append(f"{where}: key repeats")
                     keys.add(s["key"])

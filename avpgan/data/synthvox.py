@@ -34,6 +34,8 @@ import math
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -797,9 +799,16 @@ def generate(out: Path, identities: int, utterances_per_id: int, faces_per_id: i
     if workers <= 1:
         results = [_make_identity(j) for j in jobs]
     else:
-        # spawn: workers start clean, whatever threads or torch state the caller holds
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = list(pool.imap_unordered(_make_identity, jobs))
+        # spawn: workers start clean, whatever threads or torch state the caller holds; an
+        # executor (unlike Pool) raises BrokenProcessPool instead of hanging if workers die.
+        ctx = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                results = list(pool.map(_make_identity, jobs))
+        except BrokenProcessPool as e:
+            raise RuntimeError("synthvox: a worker process died (out of memory, or the calling program "
+                               "cannot be re-imported by spawned workers, e.g. code piped to stdin); "
+                               "run from a script or with workers=1") from e
     _write_tables(out, idents)
     secs = time.perf_counter() - t0
     n_utt = sum(r["utterances"] for r in results)

@@ -17,8 +17,14 @@ A stage's checkpoints live in `ROOT = RUN/<stage>/checkpoints/`::
 The DCP part holds one entry per name in the `state` dict given to `save`: networks (also the
 EMA copy) as plain state dicts, keyed without DDP's `module.` prefix, so they load into an
 unwrapped network as well as a wrapped one; optimizers keyed by parameter name rather than by
-position; anything else (a GradScaler, a scheduler) as its own `state_dict()`. Replicated
-tensors are written once: DCP spreads the writing across ranks.
+position; anything else (a GradScaler, a scheduler) as its own `state_dict()`.
+
+Replicated state is written once, from rank 0. Under DDP the parameters and optimizer states
+are identical on every rank, but batch-norm statistics (and the EMA's copies of them) are each
+rank's own until DDP broadcasts rank 0's at the start of the next forward pass. Taking rank 0's
+copy makes a resumed run do exactly what the uninterrupted one does; letting DCP pick a rank
+per tensor would mix ranks. Sharded tensors (FSDP, DTensor) would still be written by the
+ranks that own them, in parallel.
 
 Why a save cannot be mistaken for a finished one
 ------------------------------------------------
@@ -53,6 +59,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,6 +104,14 @@ def latest(root: Path) -> Path | None:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; a single process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _rank_world() -> tuple[int, int]:
@@ -251,7 +267,9 @@ def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, m
             _write_synced(tmp / META, json.dumps(meta, indent=1).encode())
     except Exception as e:  # reported to every rank below, after DCP's own collectives
         error = e
-    dcp.save(_state_dicts(state), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.save(_state_dicts(state), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                 planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not _distributed())
     _all_ok(error, world, f"saving checkpoint {tmp}")
 
     error = None
@@ -293,7 +311,8 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     if missing:
         names = sorted({k.split(".")[0] for k in saved})
         raise KeyError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} (it holds {', '.join(names)})")
-    dcp.load(sds, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.load(sds, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
 
     modules = _modules(state)
     for name, obj in state.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 from avpgan import config as config_mod
 from avpgan.config import Config
@@ -84,8 +85,7 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     preempt.install()
     tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
     tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name)
-    if acc.is_main_process and tracker.run_id:
-        (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+    attach_node_monitors(acc, tracker)
     global_step = 0
     try:
         for name in cfg.train.stages:
@@ -113,6 +113,16 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     tracker.finish()
     acc.wait_for_everyone()
     return run_dir
+
+
+def attach_node_monitors(acc: Accelerator, tracker: Tracker) -> None:
+    """Other nodes' first process reports its node's system metrics into rank 0's MLflow run."""
+    if acc.num_processes == 1 or not tracker.cfg.enabled:
+        return
+    box = [tracker.run_id]
+    broadcast_object_list(box, from_process=0)
+    if box[0] and acc.is_local_main_process and not acc.is_main_process:
+        tracker.attach_node_monitor(box[0], node_id=socket.gethostname())
 
 
 def _saved_run_id(run_dir: Path) -> str | None:

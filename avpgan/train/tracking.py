@@ -148,6 +148,7 @@ class Tracker:
         self._cond = threading.Condition()
         self._wake = threading.Event()  # cuts a retry wait short (flush, finish)
         self._opened = threading.Event()
+        self._tried = threading.Event()  # the first attempt to open the run is over (either way)
         self._thread: threading.Thread | None = None
         self._inflight: _Item | None = None
         self._closing = False
@@ -185,6 +186,9 @@ class Tracker:
         self._thread.start()
         atexit.register(self._at_exit)
         self._opened.wait(self.cfg.start_timeout_s)
+        if not self.uri.startswith(("http://", "https://")):
+            # A local store is never "down", only slow to create its tables on a busy machine.
+            self._tried.wait()
         return self.run_id if self._opened.is_set() else None
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
@@ -321,7 +325,10 @@ class Tracker:
                 item = self._inflight = self._queue.popleft() if self._queue else None
             try:
                 if not self._opened.is_set():
-                    self._open()
+                    try:
+                        self._open()
+                    finally:
+                        self._tried.set()
                 if item is not None:
                     self._send(item)
             except Exception as e:  # noqa: BLE001 - nothing from MLflow may reach training
@@ -382,7 +389,7 @@ class Tracker:
             self._queue.clear()
         missing = {k: v for k, v in self.not_logged.items() if v}
         if missing:
-            what = ", ".join(f"{n} {k}" for k, n in sorted(missing.items()))
+            what = ", ".join(f"{n} {'run end' if k == 'end' else k}" for k, n in sorted(missing.items()))
             tail = ""
             if self.run_id is None:
                 tail = "; no run was created"

@@ -1,0 +1,231 @@
+"""Preemption across real processes: a signal to ONE rank stops ALL ranks at the same step.
+
+The workers are this file run as a script (`python tests/test_preempt.py worker OUT`): a real
+Accelerator(cpu=True) over gloo with a DDP model, calling avpgan.train.preempt.should_stop at
+every step boundary, like the training loop does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "launch.sh"
+MAX_STEPS = 400  # never reached when the signal works: the stop step is asserted below it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "AVPGAN_STOP"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), STEP_SECONDS="0.05", **extra)
+    return env
+
+
+def wait_for(cond, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"a process exited ({p.returncode}) while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def progress(out: Path, rank: int) -> int:
+    try:
+        return json.loads((out / f"progress-{rank}.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1
+
+
+def results(out: Path, n: int) -> list[dict]:
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(n)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def start_ranks(out: Path, n: int = 2, **extra: str) -> list[subprocess.Popen]:
+    """n ranks started directly (the env torchrun would give them), so each pid is known."""
+    port = str(free_port())
+    procs = []
+    for rank in range(n):
+        env = worker_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
+                         LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(out)], env=env))
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_signal_to_one_rank_stops_all_at_same_step(tmp_path, sig, target):
+    procs = start_ranks(tmp_path)
+    try:
+        wait_for(lambda: min(progress(tmp_path, r) for r in (0, 1)) >= 3, 60, "training", procs)
+        os.kill(procs[target].pid, sig)
+    finally:
+        codes = finish(procs)
+    assert codes == [0, 0]
+    res = results(tmp_path, 2)
+    assert res[0]["world"] == res[1]["world"] == 2
+    assert res[0]["backend"] == "gloo"
+    assert res[0]["stop"] == res[1]["stop"]
+    assert 3 <= res[0]["stop"] < MAX_STEPS
+    # Only the signalled rank saw the signal; the other stopped because the ranks agreed.
+    assert res[target]["reason"] == sig.name
+    assert res[1 - target]["reason"] is None
+    # DDP kept the replicas identical up to the stop: they really trained together.
+    assert res[0]["weights"] == res[1]["weights"]
+
+
+@pytest.mark.slow
+def test_stop_file_seen_by_one_rank_stops_all(tmp_path):
+    flag = tmp_path / "stop"
+    procs = start_ranks(tmp_path, AVPGAN_STOP_FILE=str(flag))
+    try:
+        wait_for(lambda: min(progress(tmp_path, r) for r in (0, 1)) >= 3, 60, "training", procs)
+        flag.touch()
+    finally:
+        codes = finish(procs)
+    assert codes == [0, 0]
+    res = results(tmp_path, 2)
+    assert res[0]["stop"] == res[1]["stop"] < MAX_STEPS
+    assert res[0]["reason"] == res[1]["reason"] == "stop file"
+
+
+@pytest.mark.slow
+def test_launcher_gives_two_gloo_processes_and_forwards_usr1(tmp_path):
+    """launch/launch.sh -> accelerate launch (launch/cpu2.yaml) -> 2 workers; SIGUSR1 to the
+    launcher reaches both workers, the accelerate process survives it, and everything exits 0."""
+    env = worker_env(AVPGAN_ENTRY=__file__, PYTHON=sys.executable, NPROC_PER_NODE="2",
+                     HEAD_PORT=str(free_port()))
+    launcher = subprocess.Popen([str(LAUNCH), "worker", str(tmp_path)], env=env, cwd=ROOT)
+    try:
+        wait_for(lambda: min(progress(tmp_path, r) for r in (0, 1)) >= 3, 90, "training", [launcher])
+        launcher.send_signal(signal.SIGUSR1)
+    finally:
+        (code,) = finish([launcher])
+    assert code == 0
+    res = results(tmp_path, 2)
+    assert [r["world"] for r in res] == [2, 2]
+    assert res[0]["backend"] == "gloo"
+    assert res[0]["pid"] != res[1]["pid"]
+    assert res[0]["ppid"] == res[1]["ppid"]  # both children of the one accelerate process
+    assert res[0]["stop"] == res[1]["stop"] < MAX_STEPS
+    assert res[0]["weights"] == res[1]["weights"]
+
+
+@pytest.mark.slow
+def test_launcher_two_nodes_c10d_usr1_on_one_node(tmp_path):
+    """Two launchers as two 'nodes' of one rendezvous (c10d, launch/multinode.yaml) on localhost:
+    a signal to the second node's launcher alone stops every rank at the same step."""
+    port = str(free_port())
+    launchers = []
+    for node in (0, 1):
+        env = worker_env(AVPGAN_ENTRY=__file__, PYTHON=sys.executable, NNODES="2",
+                         NODE_RANK=str(node), NPROC_PER_NODE="1", HEAD_ADDR="127.0.0.1",
+                         HEAD_PORT=port)
+        launchers.append(subprocess.Popen([str(LAUNCH), "worker", str(tmp_path)], env=env, cwd=ROOT))
+    try:
+        wait_for(lambda: min(progress(tmp_path, r) for r in (0, 1)) >= 3, 90, "training", launchers)
+        launchers[1].send_signal(signal.SIGUSR1)
+    finally:
+        codes = finish(launchers)
+    assert codes == [0, 0]
+    res = results(tmp_path, 2)
+    assert [r["world"] for r in res] == [2, 2]
+    assert res[0]["stop"] == res[1]["stop"] < MAX_STEPS
+    assert sorted(r["reason"] for r in res if r["reason"]) in (["SIGUSR1"], ["stop file"])
+
+
+def test_handler_only_sets_the_flag():
+    from avpgan.train import preempt
+
+    old = {s: signal.getsignal(s) for s in preempt.SIGNALS}
+    try:
+        preempt.reset()
+        preempt.install()
+        assert not preempt.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
+        assert preempt.requested() and preempt.reason() == "SIGUSR1"
+    finally:
+        preempt.reset()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker process.
+
+
+def worker(out: Path) -> int:
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from avpgan.train import preempt
+
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    preempt.install()
+    rank = acc.process_index
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, opt = acc.prepare(model, opt)
+    pause = float(os.environ.get("STEP_SECONDS", "0"))
+    step = 0
+    while step < MAX_STEPS:
+        g = torch.Generator().manual_seed(step * 10 + rank)  # different data per rank
+        x = torch.randn(4, 8, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        acc.backward(loss)
+        opt.step()
+        step += 1
+        tmp = out / f"progress-{rank}.json.tmp"
+        tmp.write_text(json.dumps({"step": step}))
+        os.replace(tmp, out / f"progress-{rank}.json")
+        time.sleep(pause)
+        if preempt.should_stop(acc):
+            break
+    result = {"rank": rank, "world": acc.num_processes, "stop": step, "reason": preempt.reason(),
+              "backend": dist.get_backend() if dist.is_initialized() else None,
+              "pid": os.getpid(), "ppid": os.getppid(),
+              "weights": acc.unwrap_model(model).weight.detach().flatten().tolist()}
+    tmp = out / f"result-{rank}.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out / f"result-{rank}.json")
+    acc.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        sys.path.insert(0, str(ROOT))
+        raise SystemExit(worker(Path(sys.argv[2])))
+    raise SystemExit(f"usage: {sys.argv[0]} worker OUT_DIR")
