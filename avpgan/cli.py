@@ -40,17 +40,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from avpgan.data import shards
+    from avpgan.data.layout import IngestError
 
     cfg = config_mod.load(args.config, args.overrides)
-    shards.build(
-        voxceleb=Path(args.voxceleb),
-        vggface=Path(args.vggface),
-        meta=Path(args.meta),
-        out=Path(args.out),
-        data=cfg.data,
-        samples_per_shard=args.samples_per_shard or cfg.data.samples_per_shard,
-        workers=args.workers,
-    )
+    try:
+        shards.build(
+            voxceleb=Path(args.voxceleb),
+            vggface=Path(args.vggface),
+            meta=Path(args.meta),
+            out=Path(args.out),
+            data=cfg.data,
+            samples_per_shard=args.samples_per_shard or cfg.data.samples_per_shard,
+            workers=args.workers,
+        )
+    except IngestError as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -69,6 +74,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TrainingStopped, FileNotFoundError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from avpgan import bundle
+
+    try:
+        counts = bundle.export(Path(args.run), Path(args.out))
+    except FileNotFoundError as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: " + ", ".join(f"{k} ({n} tensors)" for k, n in counts.items()))
     return 0
 
 
@@ -113,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint of the run, default) | never | a checkpoint directory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a single-file inference bundle (safetensors) from a run")
+    p.add_argument("run", help="run directory (train.run_dir)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_export)
 
     return parser
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 import time
@@ -75,8 +76,10 @@ def filter_speeds() -> None:
 
 
 def generate_speeds(identities: int, utterances: int, faces: int, workers: list[int]) -> None:
+    load = os.getloadavg()[0]
     print(f"2. synthvox.generate, {identities} identities x {utterances} utterances (4-20 s) "
-          f"and x {faces} faces, wall clock incl. process start")
+          f"and x {faces} faces, wall clock incl. process start (~1 s per spawned worker); "
+          f"load average {load:.1f} on {os.cpu_count()} cores")
     print(f"   {'workers':>7} {'utt/s':>8} {'audio s/s':>10} {'vs real time':>13} {'faces/s':>8} "
           f"{'speed-up':>9} {'3k utt':>8} {'VoxCeleb1-size':>15}")
     base = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ def launch(tmp: Path, world: int, *args) -> list[tuple[subprocess.Popen, Path]]:
     for rank in range(world):
         log = tmp / f"{store.name}-{rank}.log"
         with open(log, "w") as out:
-            cmd = [sys.executable, str(WORKER), str(rank), str(world), str(store), *map(str, args)]
+            cmd = [sys.executable, "-X", "faulthandler", str(WORKER), str(rank), str(world), str(store), *map(str, args)]
             procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env()), log))
     return procs
 
@@ -35,15 +36,22 @@ def run(tmp: Path, world: int, *args) -> None:
     procs = launch(tmp, world, *args)
     for p, log in procs:
         try:
-            p.wait(timeout=180)
+            p.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            kill(procs)
+            kill(procs, dump=True)
         assert p.returncode == 0, f"worker {args[0]} failed (rc {p.returncode}):\n{log.read_text()}"
 
 
-def kill(procs) -> None:
+def kill(procs, dump: bool = False) -> None:
+    """SIGKILL; with dump=True, first SIGABRT so that faulthandler writes where each one hung."""
     for p, _ in procs:
-        p.kill()  # SIGKILL
+        if dump and p.poll() is None:
+            p.send_signal(signal.SIGABRT)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        p.kill()
     for p, _ in procs:
         p.wait()
 
@@ -215,8 +223,8 @@ def wait_for(cond, procs, what: str, timeout: float = 120) -> None:
                 kill(procs)
                 raise AssertionError(f"worker exited (rc {p.returncode}) while waiting for {what}:\n{log.read_text()}")
         if time.monotonic() > end:
-            kill(procs)
-            raise AssertionError(f"timed out waiting for {what}")
+            kill(procs, dump=True)
+            raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(log.read_text() for _, log in procs))
         time.sleep(0.05)
 
 
@@ -264,4 +272,5 @@ def test_kill_at_random_times_never_leaves_an_invalid_checkpoint(tmp_path):
             check_valid(ckpt)
         unfinished = [p for p in root.iterdir() if p not in found]
         assert all(p.name.endswith(".tmp") for p in unfinished), unfinished
+        print("CYCLE", cycle, [p.name for p in found], [p.name for p in unfinished])
         last = int(found[-1].name.split("-")[1])

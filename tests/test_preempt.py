@@ -102,18 +102,27 @@ def test_signal_to_one_rank_stops_all_at_same_step(tmp_path, sig, target):
 
 
 @pytest.mark.slow
-def test_stop_file_seen_by_one_rank_stops_all(tmp_path):
-    flag = tmp_path / "stop"
-    procs = start_ranks(tmp_path, AVPGAN_STOP_FILE=str(flag))
+def test_launcher_signal_before_workers_start_is_not_lost(tmp_path):
+    """SIGUSR1 while the workers are still importing torch: they cannot catch a signal yet (the
+    launcher makes them ignore it until preempt.install()), so the stop file must carry it and
+    they stop at their very first step boundary."""
+    log = tmp_path / "launcher.err"
+    env = worker_env(AVPGAN_ENTRY=__file__, PYTHON=sys.executable, NPROC_PER_NODE="2",
+                     HEAD_PORT=str(free_port()))
+    with open(log, "wb") as err:
+        launcher = subprocess.Popen([str(LAUNCH), "worker", str(tmp_path)], env=env, cwd=ROOT,
+                                    stderr=err)
     try:
-        wait_for(lambda: min(progress(tmp_path, r) for r in (0, 1)) >= 3, 60, "training", procs)
-        flag.touch()
+        # The banner comes after the traps are set and before accelerate starts.
+        wait_for(lambda: b"launch.sh:" in log.read_bytes(), 30, "the launcher banner", [launcher])
+        launcher.send_signal(signal.SIGUSR1)
     finally:
-        codes = finish(procs)
-    assert codes == [0, 0]
+        (code,) = finish([launcher])
+    assert code == 0, log.read_text()
     res = results(tmp_path, 2)
-    assert res[0]["stop"] == res[1]["stop"] < MAX_STEPS
-    assert res[0]["reason"] == res[1]["reason"] == "stop file"
+    assert [r["stop"] for r in res] == [1, 1]
+    assert [r["reason"] for r in res] == ["stop file", "stop file"]
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"avpgan-stop.local.0.{launcher.pid}"))
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ damage, after a kill) and compare bytes with it.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -429,22 +429,31 @@ def _vocal_tract(x: np.ndarray, times: np.ndarray, targets: np.ndarray, bandwidt
     spec = np.fft.rfft(frames * np.hanning(win_len + 1)[:-1], nfft)  # [T, F]
     centres = (np.arange(len(frames)) * hop - win_len / 2) / sr
     formants = np.minimum([np.interp(centres, times, f) for f in targets], 0.46 * sr)
-    z1 = np.exp(-2j * np.pi * np.fft.rfftfreq(nfft, 1 / sr) / sr)  # e^{-iw}
-    z2 = z1 * z1
-    response = np.ones(spec.shape, dtype=np.complex128)
 
-    def resonator(freq: np.ndarray, bw: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        r = np.exp(-np.pi * bw / sr)
-        c = 2 * r * np.cos(2 * np.pi * freq / sr)
-        return c[:, None], np.broadcast_to(r * r, c.shape)[:, None]
+    # Each frame's filter as polynomials in z^-1: the denominator multiplies one
+    # (1 - c z^-1 + r^2 z^-2) per resonator, and an FFT of the coefficients gives the whole
+    # response at once. A nasal pole-zero pair is added whose zero moves away from its pole
+    # as nasality grows (equal pole and zero cancel).
+    poles = [(f, bw) for f, bw in zip(formants, bandwidths)]
+    zeros = []
+    if nasality > 0.02:
+        poles.append((np.full(len(frames), 270.0), 100.0))
+        zeros.append((np.full(len(frames), 270.0 * (1 + 0.9 * nasality)), 120.0))
 
-    for k in range(formants.shape[0]):
-        c, r2 = resonator(formants[k], bandwidths[k])
-        response *= (1 - c + r2) / (1 - c * z1 + r2 * z2)  # unit gain at DC
-    if nasality > 0.02:  # a nasal pole-zero pair: the zero moves away from the pole as nasality grows
-        cp, rp = resonator(np.array([270.0]), 100.0)
-        cz, rz = resonator(np.array([270.0 * (1 + 0.9 * nasality)]), 120.0)
-        response *= ((1 - cz * z1 + rz * z2) / (1 - cz + rz)) * ((1 - cp + rp) / (1 - cp * z1 + rp * z2))
+    def polynomial(pairs: list) -> np.ndarray:
+        poly = np.zeros((len(frames), 2 * len(pairs) + 1))
+        poly[:, 0] = 1.0
+        for j, (freq, bw) in enumerate(pairs):
+            r = math.exp(-math.pi * bw / sr)
+            c = (2 * r * np.cos(2 * np.pi * freq / sr))[:, None]
+            prev = poly[:, : 2 * j + 1].copy()
+            poly[:, 1: 2 * j + 2] -= c * prev
+            poly[:, 2: 2 * j + 3] += r * r * prev
+        return poly
+
+    a, b = polynomial(poles), polynomial(zeros)
+    gain = (a.sum(1) / b.sum(1))[:, None]  # unit gain at DC
+    response = gain * np.fft.rfft(b, nfft) / np.fft.rfft(a, nfft)
     out_frames = np.fft.irfft(spec * response, nfft)  # [T, nfft]
     n_frames = out_frames.shape[0]
     out = np.zeros((n_frames - 1) * hop + nfft)

@@ -57,7 +57,13 @@ def widths(size: int, base: int, cap: int = 4) -> dict[int, int]:
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, LRELU)
+    # With StyleGAN's gain sqrt(2), a unit-variance input keeps about unit variance.
+    return F.leaky_relu(x, LRELU) * math.sqrt(2)
+
+
+class LReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _lrelu(x)
 
 
 def _resize(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -65,19 +71,52 @@ def _resize(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
+class EqualConv2d(nn.Module):
+    """Conv with StyleGAN's equalised learning rate: N(0, 1) weights scaled by 1/sqrt(fan_in) at run time.
+
+    Adam's first steps move every weight by about the learning rate; stored at unit scale, that
+    is the same *relative* change in every layer, whatever its fan-in. With plain layers the
+    recommended 2e-3 shifts a 2048-input layer's output by several units on step one.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.scale = 1 / math.sqrt(cin * kernel * kernel)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with the equalised learning rate; `lr_mul` slows it further (the mapping net's 0.01)."""
+
+    def __init__(self, cin: int, cout: int, bias_init: float = 0.0, lr_mul: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
+        self.bias = nn.Parameter(torch.full((cout,), bias_init / lr_mul))
+        self.scale, self.lr_mul = lr_mul / math.sqrt(cin), lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
 class ResBlock(nn.Module):
-    """GFPGAN's clean residual block: 3x3 conv, bilinear resize, 3x3 conv; 1x1 conv on the resized input."""
+    """GFPGAN's clean residual block: 3x3 conv, bilinear resize, 3x3 conv; 1x1 conv on the resized
+    input. The sum is divided by sqrt(2) (StyleGAN2's residual D) so stacking blocks keeps the scale."""
 
     def __init__(self, cin: int, cout: int, scale: float):
         super().__init__()
         self.scale = scale
-        self.conv1 = nn.Conv2d(cin, cin, 3, 1, 1)
-        self.conv2 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
+        self.conv1 = EqualConv2d(cin, cin, 3, 1, 1)
+        self.conv2 = EqualConv2d(cin, cout, 3, 1, 1)
+        self.skip = EqualConv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _lrelu(self.conv2(_resize(_lrelu(self.conv1(x)), self.scale)))
-        return out + self.skip(_resize(x, self.scale))
+        return (out + self.skip(_resize(x, self.scale))) / math.sqrt(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,19 +133,19 @@ class ModulatedConv2d(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, style_dim: int, demodulate: bool = True, upsample: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel) / math.sqrt(cin * kernel * kernel))
-        self.modulation = nn.Linear(style_dim, cin)
-        nn.init.normal_(self.modulation.weight, 0.0, 1.0 / math.sqrt(style_dim))
-        nn.init.ones_(self.modulation.bias)  # styles start at 1: the conv starts as a plain conv
+        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel))
+        self.scale = 1 / math.sqrt(cin * kernel * kernel)
+        self.modulation = EqualLinear(style_dim, cin, bias_init=1.0)  # styles start near 1
         self.demodulate, self.upsample, self.padding = demodulate, upsample, kernel // 2
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         s = self.modulation(w)  # [B, cin]
         if self.upsample:
             x = _resize(x, 2.0)
-        out = F.conv2d(x * s[:, :, None, None], self.weight, padding=self.padding)
+        weight = self.weight * self.scale
+        out = F.conv2d(x * s[:, :, None, None], weight, padding=self.padding)
         if self.demodulate:
-            d = torch.rsqrt((s.float()[:, None, :] ** 2 * self.weight.float().pow(2).sum((2, 3))[None]).sum(2) + 1e-8)
+            d = torch.rsqrt((s.float()[:, None, :] ** 2 * weight.float().pow(2).sum((2, 3))[None]).sum(2) + 1e-8)
             out = out * d.to(out.dtype)[:, :, None, None]
         return out
 
@@ -121,7 +160,7 @@ class StyleConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, cout, 1, 1))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x, w) * math.sqrt(2)  # the gain that keeps LeakyReLU's output variance
+        out = self.conv(x, w)
         if self.noise_strength is not None:
             b, _, h, wd = out.shape
             out = out + self.noise_strength * torch.randn(b, 1, h, wd, device=out.device, dtype=out.dtype)
@@ -142,14 +181,12 @@ class ToRGB(nn.Module):
 
 
 class Mapping(nn.Module):
-    """z -> w: normalise z to the unit-variance sphere, then `n_mlp` Linear + LeakyReLU layers."""
+    """z -> w: normalise z to the unit-variance sphere, then `n_mlp` Linear + LeakyReLU layers
+    (StyleGAN2's learning-rate multiplier 0.01: w drifts slowly, which steadies the GAN)."""
 
     def __init__(self, style_dim: int, n_mlp: int):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(style_dim, style_dim) for _ in range(n_mlp))
-        for layer in self.layers:
-            nn.init.kaiming_normal_(layer.weight, a=LRELU, nonlinearity="leaky_relu")
-            nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(EqualLinear(style_dim, style_dim, lr_mul=0.01) for _ in range(n_mlp))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-8)
@@ -232,10 +269,10 @@ class StyleDiscriminator(nn.Module):
         _log2_size(size, "StyleDiscriminator")
         w = widths(size, channels, channel_cap)
         self.size, self.stddev_group = size, stddev_group
-        self.from_rgb = nn.Conv2d(3, w[size], 1)
+        self.from_rgb = EqualConv2d(3, w[size], 1)
         self.blocks = nn.ModuleList(ResBlock(w[r], w[r // 2], 0.5) for r in sorted(w, reverse=True) if r > 4)
-        self.final_conv = nn.Conv2d(w[4] + 1, w[4], 3, 1, 1)
-        self.final = nn.Sequential(nn.Linear(w[4] * 16, w[4]), nn.LeakyReLU(LRELU), nn.Linear(w[4], 1))
+        self.final_conv = EqualConv2d(w[4] + 1, w[4], 3, 1, 1)
+        self.final = nn.Sequential(EqualLinear(w[4] * 16, w[4]), LReLU(), EqualLinear(w[4], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1:] != (3, self.size, self.size):
@@ -275,18 +312,18 @@ class Restorer(nn.Module):
         uw = widths(out_size, unet_channels, channel_cap)
         pw = self.prior.widths
         ups = self.prior.resolutions  # 8..out_size
-        self.conv_first = nn.Conv2d(3, uw[out_size], 3, 1, 1)
+        self.conv_first = EqualConv2d(3, uw[out_size], 3, 1, 1)
         self.down = nn.ModuleList(ResBlock(uw[r], uw[r // 2], 0.5) for r in reversed(ups))
-        self.conv_last = nn.Conv2d(uw[4], uw[4], 3, 1, 1)
-        self.to_styles = nn.Linear(uw[4] * 16, self.prior.num_latent * style_dim)
+        self.conv_last = EqualConv2d(uw[4], uw[4], 3, 1, 1)
+        self.to_styles = EqualLinear(uw[4] * 16, self.prior.num_latent * style_dim)
         self.up = nn.ModuleList(ResBlock(uw[r // 2], uw[r], 2.0) for r in ups)
 
         def sft(r: int) -> nn.Sequential:  # decoder features -> half the prior's channels at r
-            return nn.Sequential(nn.Conv2d(uw[r], uw[r], 3, 1, 1), nn.LeakyReLU(LRELU), nn.Conv2d(uw[r], pw[r] // 2, 3, 1, 1))
+            return nn.Sequential(EqualConv2d(uw[r], uw[r], 3, 1, 1), LReLU(), EqualConv2d(uw[r], pw[r] // 2, 3, 1, 1))
 
         self.sft_scale = nn.ModuleList(sft(r) for r in ups)
         self.sft_shift = nn.ModuleList(sft(r) for r in ups)
-        self.to_rgbs = nn.ModuleList(nn.Conv2d(uw[r], 3, 1) for r in ups) if rgb_outputs else None
+        self.to_rgbs = nn.ModuleList(EqualConv2d(uw[r], 3, 1) for r in ups) if rgb_outputs else None
         self.freeze_prior = freeze_prior
 
     @property
@@ -374,15 +411,15 @@ class ComponentDiscriminator(nn.Module):
         super().__init__()
         c = channels
         self.stage1 = nn.Sequential(
-            nn.Conv2d(3, c, 3, 1, 1), nn.LeakyReLU(LRELU),
-            nn.Conv2d(c, 2 * c, 3, 2, 1), nn.LeakyReLU(LRELU),
-            nn.Conv2d(2 * c, 2 * c, 3, 1, 1), nn.LeakyReLU(LRELU),
+            EqualConv2d(3, c, 3, 1, 1), LReLU(),
+            EqualConv2d(c, 2 * c, 3, 2, 1), LReLU(),
+            EqualConv2d(2 * c, 2 * c, 3, 1, 1), LReLU(),
         )
         self.stage2 = nn.Sequential(
-            nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.LeakyReLU(LRELU),
-            nn.Conv2d(4 * c, 4 * c, 3, 1, 1), nn.LeakyReLU(LRELU),
+            EqualConv2d(2 * c, 4 * c, 3, 2, 1), LReLU(),
+            EqualConv2d(4 * c, 4 * c, 3, 1, 1), LReLU(),
         )
-        self.final = nn.Conv2d(4 * c, 1, 3, 1, 1)
+        self.final = EqualConv2d(4 * c, 1, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f1 = self.stage1(x)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from avpgan import models
+from avpgan.bundle import build_embedder, build_restorer
 from avpgan.config import Config
 from avpgan.data.shards import load_manifest
 from avpgan.data.stream import make_stream
@@ -168,14 +169,6 @@ class ArcFaceTrainer(nn.Module):
         return self.margin(self.backbone(face), label)
 
 
-def build_embedder(cfg: Config) -> nn.Module:
-    e = cfg.model.embedder
-    factory = getattr(models, e.arch, None)
-    if factory is None:
-        raise ValueError(f"model.embedder.arch: unknown backbone '{e.arch}'")
-    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size)
-
-
 class EmbedderStage(Stage):
     name = "embedder"
 
@@ -262,4 +255,154 @@ class GanStage(Stage):
         return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
 
 
-STAGES: dict[str, type[Stage]] = {s.name: s for s in (VoiceStage, EmbedderStage, GanStage)}
+def faces_at(batch: dict, size: int) -> torch.Tensor:
+    """The batch's faces at `size` px: the stored 64 or 128 px copy, resized only if neither fits."""
+    face = batch["face128"] if size > 64 and "face128" in batch else batch["face"]
+    if face.shape[-1] != size:
+        face = F.interpolate(face, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return face
+
+
+class PriorStage(Stage):
+    """The restoration model's face prior: a small StyleGAN2 trained unconditionally on the faces
+    (softplus GAN loss, lazy R1), since no pretrained prior exists at 64-128 px."""
+
+    name = "prior"
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        super().__init__(cfg, acc, run_dir)
+        r = cfg.model.restorer
+        self.size, self.style_dim = r.out_size, r.style_dim
+        self.face128 = r.out_size > 64
+        g = models.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim)
+        d = models.StyleDiscriminator(r.out_size, r.prior_channels)
+        self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
+        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
+
+    def state(self) -> dict:
+        return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+    def step(self, batch, step):
+        real = faces_at(batch, self.size)
+        z = torch.randn(real.shape[0], self.style_dim, device=real.device)
+        r = self.cfg.model.restorer
+        with self.acc.autocast():
+            fake = self.g(z)
+            loss_d = models.softplus_gan(self.d(real), real=True) + models.softplus_gan(self.d(fake.detach()), real=False)
+        ok = self.update(loss_d, self.opt_d)
+        metrics = {"loss_d": loss_d.detach()}
+        if step % r.r1_every == 0:
+            loss_r1, parts = models.r1_loss(self.d, real, r.r1_weight, r.r1_every)
+            ok &= self.update(loss_r1, self.opt_d)
+            metrics.update(parts)
+        d_plain = self.acc.unwrap_model(self.d)
+        with self.acc.autocast():
+            loss_g = models.softplus_gan(d_plain(fake), real=True)
+        ok &= self.update(loss_g, self.opt_g)
+        d_plain.zero_grad(set_to_none=True)
+        self.ema.update(self.acc.unwrap_model(self.g))
+        metrics["loss_g"] = loss_g.detach()
+        return metrics, ok
+
+    def write_model(self, path: Path) -> None:
+        write_weights(self.ema.module, path)
+
+    def fixed_inputs(self) -> dict | None:
+        g = torch.Generator().manual_seed(0)
+        return {"z": torch.randn(8, self.style_dim, generator=g).to(self.acc.device)}
+
+    @torch.no_grad()
+    def sample_grid(self, fixed: dict) -> np.ndarray:
+        return make_grid([self.ema(fixed["z"]).clamp(-1, 1)], nrow=8)
+
+
+class Critics(nn.Module):
+    """The restoration model's global discriminator and facial-component discriminators as one
+    module, so DDP syncs them together; `part` picks which one a forward call runs."""
+
+    def __init__(self, size: int, channels: int):
+        super().__init__()
+        self.disc = models.StyleDiscriminator(size, channels)
+        self.components = models.FacialComponents(max(8, channels // 2))
+
+    def forward(self, img: torch.Tensor, part: str = "global"):
+        return self.disc(img) if part == "global" else self.components(img)
+
+
+class RestoreStage(Stage):
+    """Section 3.3: degradation removal + the trained prior with CS-SFT, eq. (7)-(11), on pairs
+    made by degrading clean faces (GFPGAN's pipeline)."""
+
+    name = "restore"
+
+    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
+        super().__init__(cfg, acc, run_dir)
+        r = cfg.model.restorer
+        self.size = r.out_size
+        self.face128 = r.out_size > 64
+        restorer = build_restorer(cfg)
+        restorer.prior.load_state_dict(read_weights(weights_path(cfg, run_dir, "prior"), "face prior", "prior"))
+        restorer.freeze_prior = r.freeze_prior
+        embedder = build_embedder(cfg)
+        embedder.load_state_dict(read_weights(weights_path(cfg, run_dir, "embedder"), "face embedder", "embedder"))
+        self.losses = models.RestoreLosses(
+            models.PerceptualNet(r.perceptual_weights), embedder,
+            l1_weight=r.l1_weight, perceptual_weight=r.perceptual_weight, adv_weight=r.adv_weight,
+            r1_weight=r.r1_weight, r1_every=r.r1_every, local_weight=r.local_weight,
+            feature_style_weight=r.feature_style_weight, identity_weight=r.identity_weight,
+        ).to(acc.device)
+        critics = Critics(r.out_size, r.prior_channels)
+        params = [p for p in restorer.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))
+        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(restorer, critics, opt_g, self.adam(critics))
+
+    def state(self) -> dict:
+        return {"g": self.g, "d": self.d, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+    def pairs(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from the step's seed
+        lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
+        return lq.to(self.acc.device), target.to(self.acc.device)
+
+    def step(self, batch, step):
+        r = self.cfg.model.restorer
+        lq, target = self.pairs(batch, step)
+        self.g.train()
+        self.d.train()
+        disc = lambda x: self.d(x, "global")  # noqa: E731  (through the DDP wrapper: synced)
+        comps = lambda x: self.d(x, "components")  # noqa: E731
+        with self.acc.autocast():
+            restored = self.g(lq)
+            loss_d, parts_d = self.losses.discriminator(restored, target, disc, comps)
+        ok = self.update(loss_d, self.opt_d)
+        metrics = {"loss_d": loss_d.detach(), **parts_d}
+        if step % r.r1_every == 0:
+            loss_r1, parts = self.losses.r1(target, disc)
+            ok &= self.update(loss_r1, self.opt_d)
+            metrics.update(parts)
+        critics = self.acc.unwrap_model(self.d)
+        with self.acc.autocast():
+            loss_g, parts_g = self.losses.generator(restored, target, critics.disc, critics.components)
+        ok &= self.update(loss_g, self.opt_g)
+        critics.zero_grad(set_to_none=True)
+        metrics.update(loss_g=loss_g.detach(), **parts_g)
+        return metrics, ok
+
+    def write_model(self, path: Path) -> None:
+        write_weights(self.acc.unwrap_model(self.g), path)
+
+    def fixed_inputs(self) -> dict | None:
+        batch = self.fixed_val_batch()
+        gen = torch.Generator().manual_seed(0)
+        lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
+        return {"lq": lq.to(self.acc.device), "target": target.to(self.acc.device)}
+
+    @torch.no_grad()
+    def sample_grid(self, fixed: dict) -> np.ndarray:
+        g = self.acc.unwrap_model(self.g).eval()
+        restored = g(fixed["lq"]).clamp(-1, 1)
+        lq_up = F.interpolate(fixed["lq"], size=restored.shape[-2:], mode="nearest")
+        return make_grid([fixed["target"], lq_up, restored], nrow=restored.shape[0])
+
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (VoiceStage, EmbedderStage, GanStage, PriorStage, RestoreStage)}

@@ -1,0 +1,113 @@
+"""The single-file inference bundle: `avpgan export RUN --out model.safetensors`.
+
+One safetensors file (no pickle: loading it cannot run code) holding the voice encoder, the
+EMA generator, the restoration model and the face embedder when the run trained them, with
+the resolved config in the file's metadata, so `generate` and `evaluate` need nothing else.
+Tensor names are prefixed by the network: `voice.`, `generator.`, `restorer.`, `embedder.`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from avpgan import config as config_mod
+from avpgan import models
+from avpgan.config import Config
+
+FORMAT = "avpgan-bundle-1"
+PARTS = {"voice": "voice", "generator": "gan", "restorer": "restore", "embedder": "embedder"}  # part -> stage
+
+
+def build_restorer(cfg: Config) -> nn.Module:
+    r = cfg.model.restorer
+    return models.Restorer(out_size=r.out_size, unet_channels=r.unet_channels, prior_channels=r.prior_channels,
+                           style_dim=r.style_dim)
+
+
+def build_embedder(cfg: Config) -> nn.Module:
+    e = cfg.model.embedder
+    factory = getattr(models, e.arch, None)
+    if factory is None or not e.arch.startswith("iresnet"):
+        raise ValueError(f"model.embedder.arch: unknown backbone '{e.arch}'")
+    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size)
+
+
+def export(run_dir: Path, out: Path) -> dict[str, int]:
+    """Collect the run's stage outputs into one file; returns tensors per part."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: not a training run directory (no config.yaml)")
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for part, stage in PARTS.items():
+        f = run_dir / stage / "model.safetensors"
+        if not f.is_file():
+            continue
+        for k, v in load_file(str(f)).items():
+            tensors[f"{part}.{k}"] = v
+        counts[part] = sum(1 for k in tensors if k.startswith(part + "."))
+    for needed in ("voice", "generator"):
+        if needed not in counts:
+            raise FileNotFoundError(f"{run_dir / PARTS[needed] / 'model.safetensors'}: the run has no trained "
+                                    f"'{PARTS[needed]}' stage; a bundle needs at least voice and gan")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(counts)})
+    os.replace(tmp, out)
+    return counts
+
+
+@dataclass
+class Bundle:
+    cfg: Config
+    voice: nn.Module
+    generator: nn.Module
+    restorer: nn.Module | None
+    embedder: nn.Module | None
+
+    def to(self, device) -> "Bundle":
+        for name in ("voice", "generator", "restorer", "embedder"):
+            m = getattr(self, name)
+            if m is not None:
+                setattr(self, name, m.to(device))
+        return self
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild every network in the bundle from its own config; eval mode, no gradients."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model bundle not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an avpgan bundle (format {meta.get('format')!r}); make one with `avpgan export`")
+    cfg = config_mod.from_yaml_text(meta["config"], f"{path} (embedded config)")
+    tensors = load_file(str(path))
+
+    def part(name: str, module: nn.Module) -> nn.Module | None:
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if not sd:
+            return None
+        module.load_state_dict(sd)
+        return module.eval().requires_grad_(False)
+
+    return Bundle(
+        cfg=cfg,
+        voice=part("voice", models.build_voice_encoder(cfg.model.voice)),
+        generator=part("generator", models.build_generator(cfg.model.generator)),
+        restorer=part("restorer", build_restorer(cfg)) if any(k.startswith("restorer.") for k in tensors) else None,
+        embedder=part("embedder", build_embedder(cfg)) if any(k.startswith("embedder.") for k in tensors) else None,
+    ).to(device)
