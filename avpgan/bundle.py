@@ -28,7 +28,8 @@ PARTS = {"voice": "voice", "generator": "gan", "restorer": "restore", "embedder"
 def build_restorer(cfg: Config) -> nn.Module:
     r = cfg.model.restorer
     return models.Restorer(out_size=r.out_size, unet_channels=r.unet_channels, prior_channels=r.prior_channels,
-                           style_dim=r.style_dim)
+                           style_dim=r.style_dim, n_mlp=r.mapping_layers, noise=r.noise, freeze_prior=r.freeze_prior,
+                           rgb_outputs=r.pyramid_weight > 0)
 
 
 def build_embedder(cfg: Config) -> nn.Module:
@@ -36,7 +37,7 @@ def build_embedder(cfg: Config) -> nn.Module:
     factory = getattr(models, e.arch, None)
     if factory is None or not e.arch.startswith("iresnet"):
         raise ValueError(f"model.embedder.arch: unknown backbone '{e.arch}'")
-    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size)
+    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size, dropout=e.dropout)
 
 
 def export(run_dir: Path, out: Path) -> dict[str, int]:

@@ -66,12 +66,13 @@ def cmd_shards_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from avpgan.data.stream import StreamError
     from avpgan.train.loop import TrainingStopped, train
 
     cfg = config_mod.load(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
-    except (TrainingStopped, FileNotFoundError) as e:
+    except (TrainingStopped, StreamError, FileNotFoundError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
     return 0
@@ -87,6 +88,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.out}: " + ", ".join(f"{k} ({n} tensors)" for k, n in counts.items()))
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from avpgan.data.layout import IngestError
+    from avpgan.evaluate import EmbedderError, evaluate
+
+    try:
+        evaluate(Path(args.model), shards=args.shards, split=args.split, seconds=args.seconds, embedder=args.embedder,
+                 attributes=args.attributes, out=args.out, batch_size=args.batch_size, group_size=args.group_size,
+                 seed=args.seed)
+    except (EmbedderError, IngestError, FileNotFoundError, ValueError) as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from avpgan.generate import generate
+
+    try:
+        report = generate(Path(args.model), args.voices, Path(args.out), seconds=args.seconds,
+                          restore=not args.no_restore, grid=args.grid, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(report.made)} faces from {len(report.made) + len(report.skipped)} voices in "
+          f"{report.seconds_total:.2f} s; networks {report.faces_per_s:.1f} faces/s; skipped {len(report.skipped)}"
+          + (": " + ", ".join(s["voice"] for s in report.skipped) if report.skipped else ""))
+    return 0 if report.made else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (train.run_dir)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="face cosine similarity (eq. 15), retrieval and probes on a shard split")
+    p.add_argument("model", help="bundle file (avpgan export) or run directory")
+    p.add_argument("--shards", default=None, help="shard folder (default: the model config's data.shards)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seconds", type=float, nargs="+", default=[4.0, 8.0], help="voice lengths to evaluate")
+    p.add_argument("--embedder", default="bundle",
+                   help="bundle (the run's ArcFace, default) | dlib | PATH to arcface_torch IResNet-50/100 .pth")
+    p.add_argument("--attributes", default=None, help="SynthVox attributes.csv: probe hidden attributes")
+    p.add_argument("--out", default=None, help="results JSON file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=100, help="identities per retrieval group (SF2F: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the retrieval groups")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="faces from voice recordings with an exported model")
+    p.add_argument("model", help="bundle file (avpgan export) or run directory")
+    p.add_argument("voices", nargs="+", help="audio files (wav, flac, ogg, mp3, ...; any rate, mono or stereo)")
+    p.add_argument("--out", required=True, help="output folder for the PNG faces")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="clip length (default: the model's training crop); longer files: mean over windows")
+    p.add_argument("--no-restore", action="store_true", help="skip the restoration model")
+    p.add_argument("--grid", action="store_true", help="also write grid.png with every face")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
 
     return parser
 

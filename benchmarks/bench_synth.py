@@ -94,7 +94,8 @@ def generate_speeds(identities: int, utterances: int, faces: int, workers: list[
         ups = v["utterances"] / v["seconds"]
         fps = f["faces"] / f["seconds"]
         base = base or ups
-        print(f"   {w:>7} {ups:>8.2f} {v['audio_seconds'] / v['seconds']:>10.1f} {'1.0x -> %.0fx' % (v['audio_seconds'] / v['seconds']):>13} "
+        xrt = v["audio_seconds"] / v["seconds"]
+        print(f"   {w:>7} {ups:>8.2f} {xrt:>10.1f} {'1.0x -> %.0fx' % xrt:>13} "
               f"{fps:>8.1f} {ups / base:>8.2f}x {3000 / ups / 60:>6.1f} m {VOXCELEB1_UTTERANCES / ups / 3600:>13.1f} h")
 
 

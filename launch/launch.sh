@@ -19,7 +19,7 @@
 # Config picked when none is given: multinode.yaml (M > 1), 1gpu.yaml (one process), 8gpu.yaml
 # (N GPUs), cpu2.yaml (N CPU processes); N and M always override the file's numbers.
 # The Python entry is $AVPGAN_ENTRY (default "-m avpgan"; a script path also works), the
-# interpreter $PYTHON (default: python3 on PATH).
+# interpreter $PYTHON (default: the project's .venv/bin/python, else python3 on PATH).
 #
 # Signals (the why is in docs/slurm.md): on SIGUSR1 or SIGTERM this script touches
 # $AVPGAN_STOP_FILE and sends SIGUSR1 to the workers (the accelerate process's children). The
@@ -62,7 +62,7 @@ while (($#)); do
         --head-addr) head="${2:?}"; shift 2 ;;
         --port) port="${2:?}"; shift 2 ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) break ;;
     esac
 done
@@ -137,7 +137,10 @@ elif ((nproc > 1)); then
 fi
 
 read -r -a entry <<<"${AVPGAN_ENTRY:--m avpgan}"
-python="${PYTHON:-python3}"
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+    if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python=python3; fi
+fi
 
 echo "launch.sh: $(hostname -s) node $node_rank/$nnodes, $nproc processes, $gpus GPUs," \
      "head $head:$port, $(basename "$config_file"), entry ${entry[*]} $*" >&2

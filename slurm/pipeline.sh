@@ -19,7 +19,7 @@ set -euo pipefail
 
 ROOT="${AVPGAN_ROOT:-$PWD}"
 [[ -f "$ROOT/slurm/lib.sh" ]] || { echo "pipeline.sh: run from the project root or set AVPGAN_ROOT" >&2; exit 2; }
-(($#)) || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+(($#)) || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
 CONFIG="$1"; shift
 OVERRIDES=("$@")
 [[ -f "$CONFIG" ]] || { echo "pipeline.sh: config '$CONFIG' not found" >&2; exit 2; }

@@ -18,6 +18,7 @@ Commands
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def train_step(state: dict, rank: int, step: int) -> None:
 
 
 def rank_state(rank: int, step: int) -> dict:
-    return {"rank": rank, "step": step, "torch_rng": torch.get_rng_state(), "stream": {"epoch": [step], "index": [3 * step + rank]}}
+    return {"rank": rank, "step": step, "torch_rng": torch.get_rng_state(),
+            "stream": {"epoch": [step], "index": [3 * step + rank]}}
 
 
 def snapshot(state: dict) -> dict:
@@ -161,7 +163,11 @@ def main() -> None:
     else:
         sys.exit(f"unknown command {command}")
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
+    # Tearing down DDP's reducer after the gloo group sometimes hangs at interpreter exit; the
+    # files are written and closed, so skip the destructors.
+    os._exit(0)
 
 
 if __name__ == "__main__":

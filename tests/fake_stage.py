@@ -109,16 +109,21 @@ def train_stage(acc: Accelerator, cfg, stage: str, run: Path) -> tuple[str, int]
               "world": acc.num_processes, "pid": os.getpid(), "loss": loss, "weights": weights}
     with open(sdir / f"attempts-rank{acc.process_index}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    if not stopped:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_suffix(".tmp")
+            torch.save({"step": step, "model": acc.unwrap_model(model).state_dict()}, tmp)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+    # Release DDP before the process group goes: a gloo thread owned by a DDP model that lives
+    # until interpreter exit can abort the process (exit -6) under torchrun.
+    model = opt = loss_t = None
+    acc.free_memory()
     if stopped:
         acc.print(f"{stage}: preempted at step {step}, checkpoint saved")
         return "preempted", step
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_suffix(".tmp")
-        torch.save({"step": step, "model": acc.unwrap_model(model).state_dict()}, tmp)
-        os.replace(tmp, final)
-    acc.wait_for_everyone()
     return "finished", step
 
 
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["train", "evaluate"])
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
     return cmd_train(cfg) if args.command == "train" else cmd_evaluate(cfg)
 

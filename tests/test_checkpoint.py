@@ -27,7 +27,8 @@ def launch(tmp: Path, world: int, *args) -> list[tuple[subprocess.Popen, Path]]:
     for rank in range(world):
         log = tmp / f"{store.name}-{rank}.log"
         with open(log, "w") as out:
-            cmd = [sys.executable, "-X", "faulthandler", str(WORKER), str(rank), str(world), str(store), *map(str, args)]
+            cmd = [sys.executable, "-X", "faulthandler", str(WORKER), str(rank), str(world), str(store),
+                   *map(str, args)]
             procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env()), log))
     return procs
 
@@ -205,7 +206,7 @@ def test_clear_errors(tmp_path):
         checkpoint.load(tmp_path / "nowhere", state)
     assert checkpoint.latest(tmp_path / "nowhere") is None
     ckpt = checkpoint.save(tmp_path, 1, {"g": state["g"]}, rank_state={}, meta={}, keep_last=1)
-    with pytest.raises(KeyError, match=r"step-0000001: checkpoint has no 'd', 'opt_d'"):
+    with pytest.raises(ValueError, match=r"step-0000001: checkpoint has no 'd', 'opt_d'"):
         checkpoint.load(ckpt, {"g": state["g"], "d": state["d"], "opt_d": state["opt_d"]})
     with pytest.raises(RuntimeError, match="convert numpy arrays"):
         import numpy as np
@@ -266,11 +267,10 @@ def test_kill_at_random_times_never_leaves_an_invalid_checkpoint(tmp_path):
             assert "resumed from" in procs[0][1].read_text()
 
         found = checkpoint.complete(root)
-        assert 1 <= len(found) <= 2, found
+        assert 1 <= len(found) <= 3, found  # 3: killed after publishing, before rotation
         for ckpt in found:
             assert {"rank-00000.pt", "rank-00001.pt"} <= {p.name for p in ckpt.iterdir()}
             check_valid(ckpt)
         unfinished = [p for p in root.iterdir() if p not in found]
         assert all(p.name.endswith(".tmp") for p in unfinished), unfinished
-        print("CYCLE", cycle, [p.name for p in found], [p.name for p in unfinished])
         last = int(found[-1].name.split("-")[1])

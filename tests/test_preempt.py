@@ -229,6 +229,10 @@ def worker(out: Path) -> int:
     tmp = out / f"result-{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / f"result-{rank}.json")
+    # Drop DDP and the optimizer before destroying the process group: a gloo thread still owned
+    # by a live DDP model at interpreter exit can abort the process (exit -6) under torchrun.
+    model = opt = loss = None
+    acc.free_memory()
     acc.end_training()
     return 0
 

@@ -39,6 +39,10 @@ from avpgan.config import DataConfig
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
 
 
+class StreamError(RuntimeError):
+    """The shards cannot feed a stream at all (empty split, nothing decodable); names the folder."""
+
+
 @dataclass
 class StreamPosition:
     """Where each loader worker of one rank stands; saved in every checkpoint (per rank)."""
@@ -148,8 +152,9 @@ class ShardStream(IterableDataset):
     def _prepare(self, raw: dict, epoch: int, index: int, stream_id: int) -> dict | None:
         try:
             s = decode_sample(raw, face128=self.face128)
-        except CorruptSample:
+        except CorruptSample as e:
             self.corrupt += 1
+            self.last_error = str(e)
             return None
         rng = _rng(self.seed, epoch, stream_id, index)
         audio = crop_or_tile(s["audio"], self.crop_samples, rng)
@@ -162,15 +167,24 @@ class ShardStream(IterableDataset):
             out["face128"] = face128
         return out
 
+    @staticmethod
+    def _faces(images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 HWC -> contiguous float NCHW in [-1, 1] ((x - 127.5) / 127.5, as Voice2Face).
+
+        Contiguous on purpose: a channels-last view fed to some CPU backward kernels (seen with
+        the IResNet on torch 2.13) corrupts the heap."""
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        return x.float().sub_(127.5).div_(127.5)
+
     def _collate(self, items: list[dict]) -> dict:
         batch = {
             "audio": torch.from_numpy(np.stack([it["audio"] for it in items])),
-            "face": torch.from_numpy(np.stack([it["face"] for it in items])).permute(0, 3, 1, 2).float().sub(127.5).div(127.5),
+            "face": self._faces([it["face"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
             "key": [it["key"] for it in items],
         }
         if self.face128:
-            batch["face128"] = torch.from_numpy(np.stack([it["face128"] for it in items])).permute(0, 3, 1, 2).float().sub(127.5).div(127.5)
+            batch["face128"] = self._faces([it["face128"] for it in items])
         return batch
 
     # -- one logical worker -----------------------------------------------------------------
@@ -181,9 +195,10 @@ class ShardStream(IterableDataset):
         stream_id = self.rank * workers + worker
         epoch, skip = self.position.epoch[worker], self.position.index[worker]
         self.tar_errors = self.corrupt = 0
+        self.last_error = ""
         items: list[dict] = []
         while True:
-            seen = 0
+            seen = decoded = 0
             for index, raw in enumerate(self._raw_samples(epoch, stream_id, streams)):
                 seen += 1
                 if index < skip:
@@ -191,6 +206,7 @@ class ShardStream(IterableDataset):
                 item = self._prepare(raw, epoch, index, stream_id)
                 if item is None:
                     continue
+                decoded += 1
                 items.append(item)
                 if len(items) == self.batch_size:
                     batch = self._collate(items)
@@ -198,7 +214,12 @@ class ShardStream(IterableDataset):
                     items = []
                     yield batch
             if seen == 0:
-                raise RuntimeError(f"{self.root}: split '{self.split}' gave stream {stream_id} no samples in epoch {epoch}")
+                raise StreamError(f"{self.root}: split '{self.split}' gave stream {stream_id} no samples in epoch {epoch}")
+            if decoded == 0 and seen > skip:
+                raise StreamError(
+                    f"{self.root}: none of the {seen - skip} samples of split '{self.split}' read by stream {stream_id} "
+                    f"in epoch {epoch} could be decoded (last error: {self.last_error}); run `avpgan shards check {self.root}`"
+                )
             # A batch may straddle two epochs: it is recorded at its last sample's position,
             # which is exact because every earlier sample belongs to it or to an earlier batch.
             epoch, skip = epoch + 1, 0

@@ -341,7 +341,6 @@ def _plan_speech(ident: Identity, rng: np.random.Generator, n: int) -> dict[str,
     vow = []  # (start, end, amp, vowel)
     fric = []  # (start, end, amp, band)
     pitch = []  # (time, semitones)
-    vowel_p = np.ones(len(_VOWELS)) / len(_VOWELS)
     while t < end - 0.3:
         n_syl = int(rng.integers(3, 15))
         rate = ident.rate * math.exp(0.12 * rng.standard_normal())
@@ -365,7 +364,7 @@ def _plan_speech(ident: Identity, rng: np.random.Generator, n: int) -> dict[str,
                 v0 = t + c
             stressed = rng.random() < 0.3
             vow.append((v0, t + dur - 0.002, 1.0 if stressed else rng.uniform(0.5, 0.85),
-                        int(rng.choice(len(_VOWELS), p=vowel_p))))
+                        int(rng.integers(len(_VOWELS)))))
             pos = j / max(n_syl - 1, 1)
             st = ident.pitch_range * (0.5 - pos) + 0.4 * rng.standard_normal()
             st += 0.6 * ident.pitch_range * stressed
@@ -604,10 +603,11 @@ def draw_face(ident: Identity, rng: np.random.Generator) -> Image.Image:
     nw = 0.42 * a * (1 + 0.1 * ident.size + (0.1 if male else 0.0))
     d.rectangle(box(cx - nw, cy + 0.3 * b, cx + nw, cy + 1.1 * b), fill=col(skin * 0.82))
     for s in (-1, 1):
-        d.ellipse(box(cx + s * 0.96 * a - 0.055 * zoom, cy - 0.12 * b, cx + s * 0.96 * a + 0.055 * zoom, cy + 0.22 * b),
-                  fill=col(skin * 0.9))
+        ex_ = cx + s * 0.96 * a
+        d.ellipse(box(ex_ - 0.055 * zoom, cy - 0.12 * b, ex_ + 0.055 * zoom, cy + 0.22 * b), fill=col(skin * 0.9))
     if style in ("short", "curly", "bun", "long"):
-        d.ellipse(box(cx - 1.07 * a * volume, cy - 1.1 * b * volume, cx + 1.07 * a * volume, cy + 0.3 * b), fill=col(hair))
+        hw = 1.07 * a * volume
+        d.ellipse(box(cx - hw, cy - 1.1 * b * volume, cx + hw, cy + 0.3 * b), fill=col(hair))
     if style == "bun":
         d.ellipse(box(cx - 0.35 * a, cy - 1.45 * b, cx + 0.35 * a, cy - 0.85 * b), fill=col(hair))
 
@@ -629,8 +629,8 @@ def draw_face(ident: Identity, rng: np.random.Generator) -> Image.Image:
             y = cy - (0.62 - 0.08 * i) * b
             d.arc(box(cx - 0.45 * a, y - 0.04, cx + 0.45 * a, y + 0.04), 200, 340, fill=line, width=lw)
         for s in (-1, 1):
-            d.line([P(cx + s * 0.38 * a + yaw * a * 0.4, cy + 0.22 * b), P(cx + s * 0.5 * a + yaw * a * 0.4, cy + 0.62 * b)],
-                   fill=line, width=lw)
+            x = cx + yaw * a * 0.4
+            d.line([P(x + s * 0.38 * a, cy + 0.22 * b), P(x + s * 0.5 * a, cy + 0.62 * b)], fill=line, width=lw)
     if ident.beard > 0:
         bt = np.linspace(0.15 * np.pi, 0.85 * np.pi, 30)
         outer = [P(cx + a * np.cos(t_) * (1 - (1 - jaw) * np.sin(t_) ** 1.5), cy + b * np.sin(t_) * 1.04) for t_ in bt]
@@ -678,13 +678,12 @@ def draw_face(ident: Identity, rng: np.random.Generator) -> Image.Image:
     elif style == "long":
         d.chord(box(cx - 1.04 * a, cy - 1.08 * b * volume, cx + 1.04 * a, cy - 0.25 * b), 170, 370, fill=col(hair))
     elif style == "curly":
-        curl_rng = _rng(ident.index, 7)  # the same curls on every photo of this person
-        for _ in range(40):
-            t_ = curl_rng.uniform(np.pi, 2 * np.pi)
-            r_ = curl_rng.uniform(0.75, 1.08) * volume
+        for _ in range(40):  # the curls themselves differ from photo to photo
+            t_ = rng.uniform(np.pi, 2 * np.pi)
+            r_ = rng.uniform(0.75, 1.08) * volume
             x, y = cx + r_ * a * np.cos(t_), cy - 0.3 * b + r_ * 0.85 * b * np.sin(t_)
             rr = 0.06 * zoom
-            d.ellipse(box(x - rr, y - rr, x + rr, y + rr), fill=col(hair * curl_rng.uniform(0.85, 1.1)))
+            d.ellipse(box(x - rr, y - rr, x + rr, y + rr), fill=col(hair * rng.uniform(0.85, 1.1)))
     else:  # receding: hair only above the ears
         for s in (-1, 1):
             d.ellipse(box(cx + s * 0.98 * a - 0.06, cy - 0.55 * b, cx + s * 0.98 * a + 0.04, cy + 0.05 * b),

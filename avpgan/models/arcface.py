@@ -104,7 +104,9 @@ class IResNet(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.input_size)
-        x = self.prelu(self.bn1(self.conv1(x)))
+        # A channels-last view (e.g. a permuted HWC batch) crashed this network's CPU backward
+        # with heap corruption on torch 2.13; a contiguous copy costs little.
+        x = self.prelu(self.bn1(self.conv1(x.contiguous())))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))

@@ -180,7 +180,7 @@ class ToRGB(nn.Module):
         return out if skip is None else out + _resize(skip, 2.0)
 
 
-class Mapping(nn.Module):
+class MappingNetwork(nn.Module):
     """z -> w: normalise z to the unit-variance sphere, then `n_mlp` Linear + LeakyReLU layers
     (StyleGAN2's learning-rate multiplier 0.01: w drifts slowly, which steadies the GAN)."""
 
@@ -214,7 +214,7 @@ class StyleGAN2Prior(nn.Module):
         self.out_size, self.style_dim = out_size, style_dim
         self.widths = widths(out_size, channels, channel_cap)
         self.num_latent = 2 * log - 2
-        self.mapping = Mapping(style_dim, n_mlp)
+        self.mapping = MappingNetwork(style_dim, n_mlp)
         w4 = self.widths[4]
         self.const = nn.Parameter(torch.randn(1, w4, 4, 4))
         self.conv1 = StyleConv(w4, w4, style_dim, noise=noise)

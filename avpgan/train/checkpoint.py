@@ -1,4 +1,4 @@
-"""Sharded, atomic training checkpoints: every rank writes its part, rank 0 publishes the result.
+"""Sharded, atomic training checkpoints (torch.distributed.checkpoint): all ranks write, rank 0 publishes.
 
 Layout
 ------
@@ -21,7 +21,8 @@ position; anything else (a GradScaler, a scheduler) as its own `state_dict()`.
 
 Replicated state is written once, from rank 0. Under DDP the parameters and optimizer states
 are identical on every rank, but batch-norm statistics (and the EMA's copies of them) are each
-rank's own until DDP broadcasts rank 0's at the start of the next forward pass. Taking rank 0's
+rank's own until DDP broadcasts rank 0's at the start of the next forward pass (DDP's default
+`broadcast_buffers=True`, which Accelerate keeps). Taking rank 0's
 copy makes a resumed run do exactly what the uninterrupted one does; letting DCP pick a rank
 per tensor would mix ranks. Sharded tensors (FSDP, DTensor) would still be written by the
 ranks that own them, in parallel.
@@ -36,18 +37,21 @@ Why a save cannot be mistaken for a finished one
 
 A kill at any moment therefore leaves either a `.tmp` folder (ignored by `latest()` and removed
 by the next save) or a complete checkpoint; older checkpoints are never removed before the new
-one is complete. Rotation renames a victim to `*.tmp` before deleting it, so a half-deleted
-folder never looks valid either. Re-saving a step that already has a checkpoint swaps the old
-folder out just before the rename; a crash between those two renames loses that one step (the
-older checkpoints remain).
+one is complete. Rotation keeps the checkpoint just written plus the newest `keep_last - 1`
+others, and renames a victim to `*.tmp` before deleting it, so a half-deleted folder never
+looks valid either. Re-saving a step that already has a checkpoint swaps the old folder out
+just before the rename; a crash between those two renames loses that one step (the older
+checkpoints remain).
 
-ROOT must be on a file system that every rank sees (one node's disk, NFS, Lustre, ...).
+ROOT must be on a file system that every rank sees (a local disk for one node; NFS, Lustre, ...
+across nodes). `load` checks that all ranks opened the same checkpoint.
 
 Resuming on a different number of ranks
 ---------------------------------------
 Networks, EMA, optimizers and scaler load on any world size: DCP reads each tensor from
 wherever it was written (the networks are replicated under DDP, so nothing is split). The
-per-rank files cannot be remapped (rank 1 of 4 has no counterpart among 2 ranks), so `load`
+per-rank files cannot be remapped (four ranks' stream positions say nothing about a split into
+two), so `load`
 returns `None` for the rank state when the world size differs or the rank's file is missing;
 the caller re-seeds its RNGs and restarts the data stream from the new split, and says so.
 """
@@ -247,18 +251,24 @@ def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, m
     `state`: networks (DDP-wrapped or not), optimizers and other objects with state_dict();
     `rank_state`: this rank's own small state (JSON-like values and tensors);
     `meta`: JSON-able facts about the run, written by rank 0;
-    `keep_last`: complete checkpoints kept after this one is published (0 keeps all).
+    `keep_last`: how many complete checkpoints to keep, this one included (0 keeps all).
+
+    An optimizer that has not stepped yet is given zero moments (and a step count of 1) by
+    torch's state-dict helpers; save after the first update, as the training loop does.
     """
     root = Path(root)
     rank, world = _rank_world()
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _clean_stale(root)
-        tmp.mkdir()
-    if world > 1:
-        dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _clean_stale(root)
+            tmp.mkdir()
+        except Exception as e:
+            error = e
+    _all_ok(error, world, f"preparing checkpoint {tmp}")  # also the barrier before anyone writes there
 
     error = None
     try:
@@ -296,12 +306,12 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
         raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MARKER} marker; its save was interrupted). "
                                 f"Use latest() on its parent to find the newest complete one")
     rank, world = _rank_world()
-    if world > 1:  # all ranks must read the same folder; a stale view of a shared file system would not
-        paths = [None] * world
-        dist.all_gather_object(paths, str(path.resolve()))
-        if len(set(paths)) > 1:
-            raise RuntimeError(f"ranks disagree on the checkpoint to load: {paths}")
     marker = json.loads((path / MARKER).read_text())
+    if world > 1:  # every rank must read the same checkpoint; a stale view of a shared file system would not
+        seen = [None] * world
+        dist.all_gather_object(seen, (path.name, marker))
+        if len({json.dumps(s) for s in seen}) > 1:
+            raise RuntimeError(f"{path}: ranks disagree on the checkpoint to load: {seen}")
     meta = json.loads((path / META).read_text())
 
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -310,7 +320,8 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     missing = [n for n in missing if sds[n]]  # an empty state (a disabled GradScaler) needs nothing
     if missing:
         names = sorted({k.split(".")[0] for k in saved})
-        raise KeyError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} (it holds {', '.join(names)})")
+        raise ValueError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} "
+                         f"(it holds {', '.join(names)})")
     with _quiet_single_process():
         dcp.load(sds, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
 

@@ -172,6 +172,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     nonfinite_total = 0
     bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -191,8 +192,9 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         t_data += t1 - t0
         t_compute += t2 - t1
         window_steps += 1
-        for k, v in metrics.items():
+        for k, v in metrics.items():  # some metrics (R1) appear only on some steps
             sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
         if finite:
             nonfinite_in_row = 0
         else:
@@ -207,7 +209,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
 
         if step % cfg.train.log_every == 0 or step == scfg.steps:
             elapsed = time.perf_counter() - t_window
-            local = torch.tensor([sums.get(k, 0.0) / window_steps for k in sorted(sums)] + [t_data, t_compute, elapsed],
+            local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
                                  device=acc.device, dtype=torch.float64)
             mean = acc.reduce(local, reduction="mean")
             skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
@@ -225,7 +227,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             tracker.log_metrics(logged, step=global_offset + step)
             acc.print(f"[{name}] step {step}/{scfg.steps} " + " ".join(
                 f"{k.split('/')[-1]}={v:.4g}" for k, v in logged.items() if not k.endswith(("_skipped", "_samples"))))
-            sums, window_steps, t_data, t_compute, t_window = {}, 0, 0.0, 0.0, time.perf_counter()
+            sums, counts, window_steps, t_data, t_compute, t_window = {}, {}, 0, 0.0, 0.0, time.perf_counter()
 
         if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
             grid = stage.sample_grid(fixed)

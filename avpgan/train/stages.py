@@ -274,7 +274,7 @@ class PriorStage(Stage):
         r = cfg.model.restorer
         self.size, self.style_dim = r.out_size, r.style_dim
         self.face128 = r.out_size > 64
-        g = models.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim)
+        g = models.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim, n_mlp=r.mapping_layers, noise=r.noise)
         d = models.StyleDiscriminator(r.out_size, r.prior_channels)
         self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
         self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
@@ -316,19 +316,6 @@ class PriorStage(Stage):
         return make_grid([self.ema(fixed["z"]).clamp(-1, 1)], nrow=8)
 
 
-class Critics(nn.Module):
-    """The restoration model's global discriminator and facial-component discriminators as one
-    module, so DDP syncs them together; `part` picks which one a forward call runs."""
-
-    def __init__(self, size: int, channels: int):
-        super().__init__()
-        self.disc = models.StyleDiscriminator(size, channels)
-        self.components = models.FacialComponents(max(8, channels // 2))
-
-    def forward(self, img: torch.Tensor, part: str = "global"):
-        return self.disc(img) if part == "global" else self.components(img)
-
-
 class RestoreStage(Stage):
     """Section 3.3: degradation removal + the trained prior with CS-SFT, eq. (7)-(11), on pairs
     made by degrading clean faces (GFPGAN's pipeline)."""
@@ -346,18 +333,23 @@ class RestoreStage(Stage):
         embedder = build_embedder(cfg)
         embedder.load_state_dict(read_weights(weights_path(cfg, run_dir, "embedder"), "face embedder", "embedder"))
         self.losses = models.RestoreLosses(
-            models.PerceptualNet(r.perceptual_weights), embedder,
+            models.PerceptualNet(r.perceptual_weights, input_size=r.perceptual_size), embedder,
             l1_weight=r.l1_weight, perceptual_weight=r.perceptual_weight, adv_weight=r.adv_weight,
             r1_weight=r.r1_weight, r1_every=r.r1_every, local_weight=r.local_weight,
             feature_style_weight=r.feature_style_weight, identity_weight=r.identity_weight,
+            pyramid_weight=r.pyramid_weight,
         ).to(acc.device)
-        critics = Critics(r.out_size, r.prior_channels)
-        params = [p for p in restorer.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))
-        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(restorer, critics, opt_g, self.adam(critics))
+        # Global and component discriminators are separate DDP modules: the R1 step uses only the
+        # global one, and DDP insists that a module's every parameter takes part in its backward.
+        disc = models.StyleDiscriminator(r.out_size, r.prior_channels)
+        comps = models.FacialComponents(max(8, r.prior_channels // 2))
+        adam = lambda params: torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))  # noqa: E731
+        opt_g = adam([p for p in restorer.parameters() if p.requires_grad])
+        opt_d = adam([*disc.parameters(), *comps.parameters()])
+        self.g, self.d, self.c, self.opt_g, self.opt_d = acc.prepare(restorer, disc, comps, opt_g, opt_d)
 
     def state(self) -> dict:
-        return {"g": self.g, "d": self.d, "opt_g": self.opt_g, "opt_d": self.opt_d}
+        return {"g": self.g, "d": self.d, "c": self.c, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
     def pairs(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from the step's seed
@@ -367,24 +359,23 @@ class RestoreStage(Stage):
     def step(self, batch, step):
         r = self.cfg.model.restorer
         lq, target = self.pairs(batch, step)
-        self.g.train()
-        self.d.train()
-        disc = lambda x: self.d(x, "global")  # noqa: E731  (through the DDP wrapper: synced)
-        comps = lambda x: self.d(x, "components")  # noqa: E731
+        for m in (self.g, self.d, self.c):
+            m.train()
         with self.acc.autocast():
             restored = self.g(lq)
-            loss_d, parts_d = self.losses.discriminator(restored, target, disc, comps)
+            loss_d, parts_d = self.losses.discriminator(restored, target, self.d, self.c)
         ok = self.update(loss_d, self.opt_d)
         metrics = {"loss_d": loss_d.detach(), **parts_d}
         if step % r.r1_every == 0:
-            loss_r1, parts = self.losses.r1(target, disc)
+            loss_r1, parts = self.losses.r1(target, self.d)
             ok &= self.update(loss_r1, self.opt_d)
             metrics.update(parts)
-        critics = self.acc.unwrap_model(self.d)
+        disc, comps = self.acc.unwrap_model(self.d), self.acc.unwrap_model(self.c)  # no sync needed for G's step
         with self.acc.autocast():
-            loss_g, parts_g = self.losses.generator(restored, target, critics.disc, critics.components)
+            loss_g, parts_g = self.losses.generator(restored, target, disc, comps)
         ok &= self.update(loss_g, self.opt_g)
-        critics.zero_grad(set_to_none=True)
+        disc.zero_grad(set_to_none=True)
+        comps.zero_grad(set_to_none=True)
         metrics.update(loss_g=loss_g.detach(), **parts_g)
         return metrics, ok
 
