@@ -109,3 +109,24 @@ def test_resume_on_other_world_size(tiny_shards, tmp_path):
     assert "written by 2 ranks, now 1" in p.stdout
     assert "resumed from" in p.stdout
     assert (run_dir / "gan" / "model.safetensors").exists()
+
+
+def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):
+    """embedder, prior and restore (R1, CS-SFT, all losses) a few steps on 2 ranks; then a bundle."""
+    import shutil
+
+    from avpgan import bundle
+
+    run_dir = tmp_path / "full"
+    shutil.copytree(straight, run_dir)
+    run(train_cmd(tiny_shards, run_dir, 2, "train.stages=[voice,embedder,gan,prior,restore]", "train.embedder.steps=3",
+                  "train.prior.steps=3", "train.restore.steps=3", "train.prior.batch_size=2", "train.restore.batch_size=2",
+                  "model.restorer.r1_every=2"))
+    counts = bundle.export(run_dir, run_dir / "model.safetensors")
+    assert set(counts) == {"voice", "generator", "restorer", "embedder"}
+    b = bundle.load(run_dir / "model.safetensors")
+    import torch
+
+    with torch.no_grad():
+        face = b.generator(torch.nn.functional.normalize(torch.randn(2, 64), dim=1))
+        assert b.restorer(face.clamp(-1, 1)).shape == (2, 3, 64, 64)
