@@ -589,27 +589,32 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def metrics_for_mlflow(results: dict) -> dict[str, float]:
-    """eval/cosine_8s, eval/cosine_8s_restored, eval/recall1_8s, ... (null values left out)."""
+    """eval/cosine_8s, eval/cosine_8s_restored, eval/recall1_8s, ... for the test split;
+    eval/<split>/... for any other split, so evaluating val does not overwrite test.
+    Null values are left out."""
+    pre = "eval/" if results["split"] == "test" else f"eval/{results['split']}/"
     out = {}
     for s, variants in results["results"].items():
         for variant, r in variants.items():
             tail = s + ("" if variant == "gan" else f"_{variant}")
-            out[f"eval/cosine_{tail}"] = r["cosine"]["mean"]
-            out[f"eval/cosine_{tail}_ci_low"] = r["cosine"]["low"]
-            out[f"eval/cosine_{tail}_ci_high"] = r["cosine"]["high"]
-            out[f"eval/cosine_to_mean_{tail}"] = r["cosine_to_mean"]["mean"]
+            out[f"{pre}cosine_{tail}"] = r["cosine"]["mean"]
+            out[f"{pre}cosine_{tail}_ci_low"] = r["cosine"]["low"]
+            out[f"{pre}cosine_{tail}_ci_high"] = r["cosine"]["high"]
+            out[f"{pre}cosine_to_mean_{tail}"] = r["cosine_to_mean"]["mean"]
             for k, v in r["retrieval"]["recall"].items():
-                out[f"eval/recall{k}_{tail}"] = v
+                out[f"{pre}recall{k}_{tail}"] = v
             for a, v in r.get("attributes", {}).items():
-                out[f"eval/probe_{a}_{tail}"] = v
+                out[f"{pre}probe_{a}_{tail}"] = v
     rr = results["real_vs_real"]
-    out["eval/real_same_identity_cosine"] = rr["same_identity_cosine"]["mean"]
-    out["eval/real_different_identity_cosine"] = rr["different_identity_cosine"]["mean"]
+    out[f"{pre}real_same_identity_cosine"] = rr["same_identity_cosine"]["mean"]
+    out[f"{pre}real_different_identity_cosine"] = rr["different_identity_cosine"]["mean"]
     return {k: v for k, v in out.items() if v is not None}
 
 
 def log_to_run(run_dir: Path, cfg, results: dict, out: Path | None, log: Callable[[str], None]) -> None:
-    """Continue the run's MLflow run (RUN/mlflow_run_id) with the eval/* metrics and results.json."""
+    """Continue the run's MLflow run (RUN/mlflow_run_id) with the eval metrics and the results
+    file. The metrics' step is the run's total training steps (the training loop's global step
+    after its last stage), so evaluations after further training line up with the curves."""
     from avpgan.train.tracking import Tracker
 
     id_file = run_dir / "mlflow_run_id"
@@ -620,11 +625,12 @@ def log_to_run(run_dir: Path, cfg, results: dict, out: Path | None, log: Callabl
         log(f"MLflow: not logged (no {id_file}: the run never reached its tracking store)")
         return
     run_id = id_file.read_text().strip()
+    step = sum(getattr(cfg.train, stage).steps for stage in cfg.train.stages)
     tracker = Tracker(replace(cfg.tracking, system_metrics=False), run_dir, is_main=True, run_id=run_id)
     tracker.start({}, config_mod.to_yaml(cfg))  # params exist already; nothing is re-logged
-    tracker.log_metrics(metrics_for_mlflow(results), step=0)
+    tracker.log_metrics(metrics_for_mlflow(results), step=step)
     if out is not None:
-        tracker.log_artifact(out, "eval")
+        tracker.log_artifact(out, "eval" if results["split"] == "test" else f"eval/{results['split']}")
     missing = tracker.finish()
     log(f"MLflow run {tracker.run_id}: " + ("eval metrics logged" if not missing else f"not logged: {missing}"))
 

@@ -212,6 +212,8 @@ def test_evaluate_logs_to_the_runs_mlflow_run(results, run_dir):
     assert metrics["eval/cosine_8s"] == pytest.approx(results["results"]["8s"]["gan"]["cosine"]["mean"])
     assert "eval/cosine_4s_restored" in metrics and "eval/recall1_8s" in metrics
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/results.json"]
+    # at the run's training step count (3 + 3 + 3), next to the training curves
+    assert [m.step for m in client.get_metric_history(run_id, "eval/cosine_8s")] == [9]
 
 
 def test_evaluate_without_embedder_says_what_to_do(run_dir, tiny_shards, capsys):

@@ -101,6 +101,7 @@ def train(cfg: Config, resume: str = "auto") -> Path:
                 if acc.is_main_process:
                     write_status(run_dir, state="preempted", stage=name)
                 tracker.finish(status="KILLED")
+                shutdown(acc)
                 return run_dir
             global_step += steps
     except TrainingStopped:
@@ -111,8 +112,16 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     if acc.is_main_process:
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
-    acc.wait_for_everyone()
+    shutdown(acc)
     return run_dir
+
+
+def shutdown(acc: Accelerator) -> None:
+    """Release the prepared models and the process group before the interpreter exits: a DDP model
+    still referenced at exit sometimes aborts a gloo worker (exit -6) after a clean save."""
+    acc.wait_for_everyone()
+    acc.free_memory()
+    acc.end_training()
 
 
 def attach_node_monitors(acc: Accelerator, tracker: Tracker) -> None:
