@@ -26,7 +26,9 @@ and once: the real-vs-real cosine of the same identity (the ceiling a perfect ge
 reach with this embedder) and of different identities (chance).
 
 Under `accelerate launch` each rank embeds every world-th identity; rank 0 gathers the
-embeddings and computes everything, so the numbers do not depend on the number of processes.
+embeddings and computes everything, so the numbers do not depend on the number of processes
+(bar the restoration model's noise, seeded per batch: reruns repeat, other process counts
+differ slightly in the `restored` figures).
 """
 
 from __future__ import annotations
@@ -500,17 +502,17 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
 
     errors: list[str] = []
     ids = mine(manifest["splits"][split]["identities"])
-    acc = _Embedded(net, face_embedder, lengths, batch_size, restore=True)
+    store = _Embedded(net, face_embedder, lengths, batch_size, restore=True)
     seen_faces: set[str] = set()
     for s in split_samples(shards, manifest, split, ids.__contains__, errors):
         name = s["meta"]["name"]
-        acc.add_voice(name, s["key"], s["audio"])
+        store.add_voice(name, s["key"], s["audio"])
         face_id = s["meta"].get("face_path", s["key"])
         if face_id not in seen_faces:
             seen_faces.add(face_id)
-            acc.add_face(name, s["face128"])
-    acc.finish()
-    records = acc.records()
+            store.add_face(name, s["face128"])
+    store.finish()
+    records = store.records()
 
     train_records: list[dict] = []
     if truth is not None:
