@@ -4,14 +4,18 @@
 # Environment read here (all optional):
 #   AVPGAN_ROOT          project checkout (default: the directory sbatch was called from)
 #   PYTHON               interpreter (default: $AVPGAN_ROOT/.venv/bin/python, else python3)
-#   AVPGAN_COMMAND       avpgan subcommand (default: train)
+#   AVPGAN_COMMAND       train (default) or evaluate
 #   AVPGAN_ENTRY         python entry for the launcher (default: "-m avpgan")
 #   RUN_DIR              run directory (default: train.run_dir of the config + overrides)
+#   EVAL_ARGS            evaluate only: extra `avpgan evaluate` options, e.g. "--seconds 2 8"
 #   AVPGAN_MAX_REQUEUES  give up after this many restarts (default: 50)
 
 avpgan_log() { echo "[$(date '+%F %T')] ${SLURM_JOB_ID:-?}/${SLURM_RESTART_COUNT:-0}: $*" >&2; }
 
-# avpgan_setup CONFIG [key=value ...]: sets ROOT, PYTHON, CONFIG, OVERRIDES, COMMAND, RUN_DIR.
+# avpgan_setup CONFIG [key=value ...]: sets ROOT, PYTHON, CONFIG, OVERRIDES, COMMAND, RUN_DIR and
+# ARGS, the avpgan command line: `train --config CONFIG [key=value ...]`, or for evaluate
+# `evaluate RUN_DIR --shards <data.shards> --out RUN_DIR/eval.json $EVAL_ARGS` (the run dir holds
+# the trained models and its own config; options in EVAL_ARGS come last, so they win).
 avpgan_setup() {
     ROOT="${AVPGAN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
     if [[ ! -x "$ROOT/launch/launch.sh" ]]; then
@@ -31,13 +35,22 @@ avpgan_setup() {
     fi
     OVERRIDES=("$@")
     COMMAND="${AVPGAN_COMMAND:-train}"
-    if [[ -z "${RUN_DIR:-}" ]]; then
-        RUN_DIR="$("$PYTHON" -c 'import sys; from avpgan import config
-print(config.load(sys.argv[1], sys.argv[2:]).train.run_dir)' "$CONFIG" "${OVERRIDES[@]}")" || {
-            avpgan_log "cannot read train.run_dir from $CONFIG ${OVERRIDES[*]}"; exit 2; }
-    fi
-    avpgan_log "start on $(hostname -s): $COMMAND --config $CONFIG ${OVERRIDES[*]} (run dir $RUN_DIR," \
-               "nodes ${SLURM_JOB_NODELIST:-?})"
+    local resolved
+    # One interpreter start resolves both paths (and rejects a bad config before any launch).
+    resolved="$("$PYTHON" -c 'import sys; from avpgan import config
+c = config.load(sys.argv[1], sys.argv[2:]); print(c.train.run_dir); print(c.data.shards)' \
+        "$CONFIG" "${OVERRIDES[@]}")" || { avpgan_log "cannot read $CONFIG ${OVERRIDES[*]}"; exit 2; }
+    RUN_DIR="${RUN_DIR:-$(sed -n 1p <<<"$resolved")}"
+    case "$COMMAND" in
+        train) ARGS=(train --config "$CONFIG" "${OVERRIDES[@]}") ;;
+        evaluate)
+            local eval_args
+            read -r -a eval_args <<<"${EVAL_ARGS:-}"
+            ARGS=(evaluate "$RUN_DIR" --shards "$(sed -n 2p <<<"$resolved")" --out "$RUN_DIR/eval.json"
+                  "${eval_args[@]}") ;;
+        *) avpgan_log "AVPGAN_COMMAND must be train or evaluate, got '$COMMAND'"; exit 2 ;;
+    esac
+    avpgan_log "start on $(hostname -s): ${ARGS[*]} (run dir $RUN_DIR, nodes ${SLURM_JOB_NODELIST:-?})"
 }
 
 # Called first thing by every sbatch script: from here on SIGUSR1/SIGTERM never kill the batch
