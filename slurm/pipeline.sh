@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Submit the whole AVP-GAN pipeline as dependent SLURM jobs: one job per training stage
-# (voice -> embedder -> gan -> prior -> restore), then `avpgan evaluate`. Each job starts only when
-# the previous one completed successfully (--dependency=afterok); a preempted job requeues itself
-# and its dependents simply wait longer.
+# (voice -> embedder -> gan -> prior -> restore), then `avpgan evaluate RUN_DIR` on the test split
+# (it needs the voice, gan and embedder stages, or an --embedder in EVAL_ARGS). Each job starts
+# only when the previous one completed successfully (--dependency=afterok); a preempted job
+# requeues itself and its dependents simply wait longer.
 #
 #   slurm/pipeline.sh CONFIG [key=value ...]
 #
@@ -12,7 +13,7 @@
 #   CPUS_PER_TASK  CPUs per node for loaders (default: not requested)
 #   STAGES         stages to run (default: train.stages of the config)
 #   SBATCH_ARGS    extra sbatch options for every job, e.g. "--partition=gpu --time=24:00:00"
-#   EVAL_ARGS      extra arguments for `avpgan evaluate`
+#   EVAL_ARGS      extra options for `avpgan evaluate`, e.g. "--seconds 2 8 --split val"
 #   NO_EVAL=1      skip the evaluation job
 # Prints one "STAGE JOBID" line per job. Run it from the project root (or set AVPGAN_ROOT).
 set -euo pipefail
@@ -55,7 +56,9 @@ for stage in $STAGES; do
     dependency=(--dependency="afterok:$id")
 done
 if [[ -z "${NO_EVAL:-}" ]]; then
-    read -r -a eval_args <<<"${EVAL_ARGS:-}"
-    id="$(submit evaluate ",AVPGAN_COMMAND=evaluate" "$CONFIG" "${OVERRIDES[@]}" "${eval_args[@]}")"
+    # The job builds `avpgan evaluate RUN_DIR --shards ... --out RUN_DIR/eval.json $EVAL_ARGS` from
+    # the same config and overrides (slurm/lib.sh); EVAL_ARGS reaches it through --export=ALL.
+    export EVAL_ARGS="${EVAL_ARGS:-}"
+    id="$(submit evaluate ",AVPGAN_COMMAND=evaluate" "$CONFIG" "${OVERRIDES[@]}")"
     echo "evaluate $id"
 fi

@@ -1,9 +1,10 @@
-"""The project's sbatch scripts on a real single-node SLURM cluster (tests/slurm_cluster.py).
+"""The project's sbatch scripts on a real single-node SLURM cluster (tests/slurm_cluster.py),
+running the real `avpgan train` and `avpgan evaluate` on the tiny config and SynthVox shards.
 
-Each test submits with the real scripts and the real signal path: `scancel -b -s USR1` is what
-`#SBATCH --signal=B:USR1@120` does before the time limit. The trainer is tests/fake_stage.py,
-a 2-process gloo program with `avpgan train`'s command line and status/checkpoint conventions;
-ENTRY below is the one line that points the scripts at it.
+Each preemption test submits a 2-process gloo job with the real scripts and the real signal path:
+`scancel -b -s USR1` is what `#SBATCH --signal=B:USR1@120` does before the time limit. The job
+must save at a step boundary, requeue itself, come back with SLURM_RESTART_COUNT >= 1, resume from
+that checkpoint (not from step 0) and finish the stage.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, subprocess_env
 from slurm_cluster import SlurmCluster, missing_tools
 
-ROOT = Path(__file__).resolve().parents[1]
-ENTRY = str(ROOT / "tests" / "fake_stage.py")  # "-m avpgan" runs the real trainer
-STAGE_STEPS = 24
+STEPS = 24  # of the preempted stage: the signal goes out after step 2, long before the end
+TINY = ["tracking.enabled=false", "train.log_every=1", "train.sample_every=1000", "train.checkpoint_every=2",
+        "train.voice.batch_size=4", "train.embedder.batch_size=4", "train.gan.batch_size=4"]
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 pytestmark = pytest.mark.slow
 
@@ -39,103 +41,98 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def write_config(tmp: Path, stages: list[str], steps: int = STAGE_STEPS) -> Path:
-    cfg = tmp / "config.yaml"
-    body = {"train": {"run_dir": str(tmp / "run"), "stages": stages, "checkpoint_every": 1000,
-                      **{s: {"steps": steps, "batch_size": 8} for s in stages}},
-            "tracking": {"enabled": False}}
-    cfg.write_text(json.dumps(body))  # JSON is YAML
-    return cfg
+def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
+    """The sbatch scripts' arguments: CONFIG key=value ..."""
+    return [str(ROOT / "configs" / "tiny.yaml"), f"data.shards={shards}", f"train.run_dir={run}", *TINY, *extra]
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    return {"AVPGAN_ENTRY": ENTRY, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
+    env = subprocess_env()
+    return {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "PYTHONUNBUFFERED")} | extra
 
 
-def step_of(progress: Path) -> int:
-    try:
-        return json.loads(progress.read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return -1
-
-
-def wait_until_training(cluster: SlurmCluster, job: str, progress: Path, min_step: int = 3) -> None:
-    deadline = time.monotonic() + 90
-    while step_of(progress) < min_step:
-        if time.monotonic() > deadline or cluster.job(job).get("JobState") in ("FAILED", "COMPLETED"):
-            raise AssertionError(f"job {job} never trained: {cluster.job(job)}\n{cluster.logs()}")
+def signal_after_checkpoint(cluster: SlurmCluster, job: str, ckpt: Path, out: Path, signal: str) -> None:
+    """Send `signal` to the batch shell once `ckpt` is complete: the job is mid-stage by then."""
+    deadline = time.monotonic() + 150
+    while not (ckpt / "COMPLETE").exists():
+        state = cluster.job(job).get("JobState")
+        if time.monotonic() > deadline or state in DONE:
+            log = out.read_text() if out.exists() else "(no job output)"
+            raise AssertionError(f"job {job} ({state}) never wrote {ckpt}:\n{log[-4000:]}\n{cluster.logs()}")
         time.sleep(0.1)
+    cluster.run("scancel", "--batch", f"--signal={signal}", job)
 
 
-def attempts(stage_dir: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / f"attempts-rank{rank}.jsonl").read_text().splitlines()]
-
-
-def check_preempted_then_resumed(tmp: Path, job_fields: dict, out: str, stage: str) -> None:
+def check_preempted_then_resumed(run: Path, job: str, fields: dict, out: str, stage: str) -> int:
     """One preempted attempt, then a requeued one that resumed from its checkpoint and finished."""
-    assert job_fields["JobState"] == "COMPLETED", out
-    assert int(job_fields["Restarts"]) >= 1, out
-    m = re.search(r"preempted at step (\d+), checkpoint saved", out)
-    assert m, out
-    stopped = int(m.group(1))
-    assert 0 < stopped < STAGE_STEPS
+    assert fields["JobState"] == "COMPLETED", out
+    assert int(fields["Restarts"]) >= 1, out
+    # lib.sh prefixes its lines with JOBID/SLURM_RESTART_COUNT.
+    assert f"{job}/0: start on" in out and re.search(rf"{job}/[1-9]\d*: start on", out), out
+
+    stopped = re.findall(rf"\[{stage}\] preempted at step (\d+), checkpoint saved", out)
+    assert len(stopped) == 1, out
+    n = int(stopped[0])
+    assert 2 <= n < STEPS, out
     assert "requeueing (preempted, checkpoint saved)" in out
     # The training command exits 0 after a clean preemption save, and again when it finishes.
     assert re.findall(r"command exited with (\d+)", out) == ["0", "0"], out
-    assert list((tmp / "run" / stage / "checkpoints").glob(f"step-{stopped:07d}*"))
-    assert json.loads((tmp / "run" / "status.json").read_text()) == {"state": "finished", "step": STAGE_STEPS}
 
-    ranks = [attempts(tmp / "run" / stage, r) for r in (0, 1)]
-    for runs in ranks:
-        assert len(runs) == 2, runs
-        first, second = runs
-        assert first["restart"] == 0 and first["preempted"] and first["stop"] == stopped
-        assert second["restart"] >= 1 and not second["preempted"]
-        assert second["start"] == stopped  # resumed from the checkpoint, not from step 0
-        assert second["stop"] == STAGE_STEPS
-        assert first["world"] == second["world"] == 2
-    # Both ranks stopped at the same step and ended with the same (synchronised) weights.
-    assert ranks[0][1]["weights"] == ranks[1][1]["weights"]
+    # The second attempt starts from the step-N checkpoint and goes on with step N+1.
+    resumed = re.findall(rf"\[{stage}\] resumed from (\S+) at step (\d+)", out)
+    assert resumed == [(str(run / stage / "checkpoints" / f"step-{n:07d}"), str(n))], out
+    after = out[out.index(f"[{stage}] resumed from"):]
+    assert int(re.search(rf"\[{stage}\] step (\d+)/{STEPS}", after).group(1)) == n + 1, out
+    assert f"[{stage}] step {STEPS}/{STEPS}" in after
+
+    assert json.loads((run / "status.json").read_text()) == {"state": "finished", "stage": stage}
+    assert (run / stage / "model.safetensors").is_file()
+    return n
 
 
-def test_node_job_preempted_by_usr1_requeues_and_resumes(cluster, tmp_path):
-    cfg = write_config(tmp_path, ["gan"])
-    out_file = tmp_path / "job.out"
-    job = cluster.sbatch("-n", "2", f"--output={out_file}", str(ROOT / "slurm" / "train_node.sbatch"),
-                         str(cfg), env=job_env(FAKE_STEP_SECONDS="0.15"), cwd=ROOT)
-    wait_until_training(cluster, job, tmp_path / "run" / "gan" / "progress.json")
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    fields = cluster.wait_job(job, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 150)
+def test_node_job_preempted_by_usr1_requeues_and_resumes(cluster, tiny_shards, tmp_path):
+    run, out_file = tmp_path / "run", tmp_path / "job.out"
+    args = train_args(tiny_shards, run, "train.stages=[voice,gan]", "train.voice.steps=2", f"train.gan.steps={STEPS}")
+    job = cluster.sbatch("-n", "2", f"--output={out_file}", str(ROOT / "slurm" / "train_node.sbatch"), *args,
+                         env=job_env(), cwd=ROOT)
+    signal_after_checkpoint(cluster, job, run / "gan" / "checkpoints" / "step-0000002", out_file, "USR1")
+    fields = cluster.wait_job(job, lambda f: f["JobState"] in DONE, 240)
     out = out_file.read_text()
-    check_preempted_then_resumed(tmp_path, fields, out, "gan")
+    check_preempted_then_resumed(run, job, fields, out, "gan")
     assert "SIGUSR1 received" in out
+    assert "2 processes" in out  # launch.sh: one gloo process per task
+    # The restarted job skips the voice stage it finished before the signal.
+    assert "[voice] already finished" in out[out.index("[gan] preempted"):]
+    assert (run / "voice" / "model.safetensors").is_file()
 
 
-def test_multinode_job_preempted_by_term_requeues_and_resumes(cluster, tmp_path):
+def test_multinode_job_preempted_by_term_requeues_and_resumes(cluster, tiny_shards, tmp_path):
     """train_multinode.sbatch (srun -> one launcher per node) on the one node, and SIGTERM instead
     of SIGUSR1: the batch shell passes it on as SIGUSR1 through srun."""
-    cfg = write_config(tmp_path, ["voice"])
-    out_file = tmp_path / "job.out"
+    run, out_file = tmp_path / "run", tmp_path / "job.out"
+    args = train_args(tiny_shards, run, "train.stages=[voice]", f"train.voice.steps={STEPS}")
     job = cluster.sbatch("--nodes=1", "--cpus-per-task=2", f"--output={out_file}",
-                         str(ROOT / "slurm" / "train_multinode.sbatch"), str(cfg),
-                         env=job_env(FAKE_STEP_SECONDS="0.15", NPROC_PER_NODE="2"), cwd=ROOT)
-    wait_until_training(cluster, job, tmp_path / "run" / "voice" / "progress.json")
-    cluster.run("scancel", "--batch", "--signal=TERM", job)
-    fields = cluster.wait_job(job, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 150)
+                         str(ROOT / "slurm" / "train_multinode.sbatch"), *args,
+                         env=job_env(NPROC_PER_NODE="2"), cwd=ROOT)
+    signal_after_checkpoint(cluster, job, run / "voice" / "checkpoints" / "step-0000002", out_file, "TERM")
+    fields = cluster.wait_job(job, lambda f: f["JobState"] in DONE, 240)
     out = out_file.read_text()
-    check_preempted_then_resumed(tmp_path, fields, out, "voice")
+    check_preempted_then_resumed(run, job, fields, out, "voice")
     assert "SIGTERM received" in out
+    assert "2 processes" in out
 
 
-def test_pipeline_runs_stages_in_dependency_order(cluster, tmp_path):
-    cfg = write_config(tmp_path, ["voice", "gan"], steps=4)
-    env = dict(cluster.env, **job_env(GPUS_PER_NODE="0", NPROC_PER_NODE="1",
+def test_pipeline_runs_stages_in_dependency_order_then_evaluates(cluster, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(tiny_shards, run, "train.stages=[voice,embedder,gan]", "train.voice.steps=2",
+                      "train.embedder.steps=2", "train.gan.steps=2")
+    env = dict(cluster.env, **job_env(GPUS_PER_NODE="0", NPROC_PER_NODE="1", EVAL_ARGS="--seconds 2",
                                       SBATCH_ARGS=f"--output={tmp_path}/%x-%j.out"))
-    submitted = subprocess.run([str(ROOT / "slurm" / "pipeline.sh"), str(cfg)], env=env, cwd=ROOT,
+    submitted = subprocess.run([str(ROOT / "slurm" / "pipeline.sh"), *args], env=env, cwd=ROOT,
                                capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     jobs = [line.split() for line in submitted.stdout.splitlines()]
-    assert [name for name, _ in jobs] == ["voice", "gan", "evaluate"]
+    assert [name for name, _ in jobs] == ["voice", "embedder", "gan", "evaluate"]
     # Every job after the first waits on the one before it.
     for (_, prev), (_, job) in zip(jobs, jobs[1:]):
         dep = cluster.job(job).get("Dependency", "")
@@ -143,12 +140,21 @@ def test_pipeline_runs_stages_in_dependency_order(cluster, tmp_path):
 
     done = []
     for _, job in jobs:
-        fields = cluster.wait_job(job, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED")
-                                  or f["Reason"] == "DependencyNeverSatisfied", 90)
+        fields = cluster.wait_job(job, lambda f: f["JobState"] in DONE
+                                  or f["Reason"] == "DependencyNeverSatisfied", 120)
         logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
         assert fields["JobState"] == "COMPLETED", f"{fields}\n{logs}"
         done.append(fields)
     for prev, nxt in zip(done, done[1:]):
         assert nxt["StartTime"] >= prev["EndTime"]  # ISO timestamps compare as strings
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["stages"] == {"voice": 4, "gan": 4}
-    assert "train --config" in logs and "train.stages=[voice]" in logs and "evaluate --config" in logs
+
+    for stage in ("voice", "embedder", "gan"):
+        assert (run / stage / "model.safetensors").is_file()
+        assert f"train.stages=[{stage}]" in logs
+    assert f"evaluate {run} --shards {tiny_shards} --out {run / 'eval.json'} --seconds 2" in logs
+    results = json.loads((run / "eval.json").read_text())
+    assert results["model"] == str(run.resolve()) and results["split"] == "test" and results["seconds"] == [2.0]
+    test_ids = json.loads((tiny_shards / "manifest.json").read_text())["splits"]["test"]["identities"]
+    assert results["identities"] == len(test_ids) and results["corrupt_samples"] == 0
+    cosine = results["results"]["2s"]["gan"]["cosine"]
+    assert cosine["n"] == len(test_ids) and -1.0 <= cosine["mean"] <= 1.0

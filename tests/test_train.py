@@ -130,3 +130,23 @@ def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):
     with torch.no_grad():
         face = b.generator(torch.nn.functional.normalize(torch.randn(2, 64), dim=1))
         assert b.restorer(face.clamp(-1, 1)).shape == (2, 3, 64, 64)
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tiny_shards, tmp_path):
+    """An absurd learning rate blows the weights up: updates are skipped and counted, and after
+    `max_nonfinite` in a row the run stops with a message, a checkpoint and status 'failed'."""
+    run_dir = tmp_path / "nan"
+    p = subprocess.run(train_cmd(tiny_shards, run_dir, 1, "train.stages=[voice]", "train.voice.lr=1e30",
+                                 "train.max_nonfinite=3", "train.voice.steps=50"),
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "non-finite losses in a row" in p.stderr
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    assert any((run_dir / "voice" / "checkpoints").glob("step-*/COMPLETE"))
+    assert not (run_dir / "voice" / "model.safetensors").exists()
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_shards, tmp_path):
+    run_dir = tmp_path / "bf16"
+    run(train_cmd(tiny_shards, run_dir, 1, "train.mixed_precision=bf16", "train.voice.steps=2", "train.gan.steps=2"))
+    assert (run_dir / "gan" / "model.safetensors").exists()

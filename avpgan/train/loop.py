@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
+from avpgan import bundle
 from avpgan import config as config_mod
 from avpgan.config import Config
 from avpgan.data.stream import StreamPosition, make_stream
@@ -110,10 +111,20 @@ def train(cfg: Config, resume: str = "auto") -> Path:
         tracker.finish(status="FAILED")
         raise
     if acc.is_main_process:
+        log_bundle(run_dir, tracker)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
     shutdown(acc)
     return run_dir
+
+
+def log_bundle(run_dir: Path, tracker: Tracker) -> None:
+    """When the run has what inference needs (voice + gan), export RUN/model.safetensors and log it."""
+    if not ((run_dir / "voice" / "model.safetensors").exists() and (run_dir / "gan" / "model.safetensors").exists()):
+        return
+    out = run_dir / "model.safetensors"
+    bundle.export(run_dir, out)
+    tracker.log_artifact(out, "model")
 
 
 def shutdown(acc: Accelerator) -> None:
