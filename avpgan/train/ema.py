@@ -1,6 +1,8 @@
 """Exponential moving average of a network's weights (the generator used for samples and export).
 
-Parameters are averaged; buffers (batch-norm statistics, spectral-norm power-iteration vectors)
+The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so that a short run's EMA
+follows training instead of staying near the initial weights (with 0.999 the average needs ~1000
+updates to forget its start). Parameters are averaged; buffers (batch-norm statistics, spectral-norm power-iteration vectors)
 are copied, because an average of power-iteration vectors is not a power-iteration vector.
 """
 
@@ -17,11 +19,15 @@ class EMA(nn.Module):
         super().__init__()
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))  # checkpointed with the weights
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        n = int(self.num_updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        self.num_updates += 1
         for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
 
