@@ -101,7 +101,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (EmbedderError, IngestError, FileNotFoundError, ValueError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under `accelerate launch`, close the gloo/NCCL group before the interpreter exits: a group
+    left open sometimes aborts a worker at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
