@@ -20,8 +20,8 @@ demo: setup
 	$(PY) -m avpgan shards build --voxceleb $(DEMO)/synthvox/voxceleb1/wav --vggface $(DEMO)/synthvox/vggface \
 	    --meta $(DEMO)/synthvox/vox1_meta.csv --out $(DEMO)/shards --config configs/tiny.yaml
 	$(PY) -m avpgan shards check $(DEMO)/shards
+	# training ends by exporting the bundle $(DEMO)/run/model.safetensors (as `avpgan export` does)
 	$(PY) -m avpgan train --config configs/tiny.yaml data.shards=$(DEMO)/shards train.run_dir=$(DEMO)/run
-	$(PY) -m avpgan export $(DEMO)/run --out $(DEMO)/run/model.safetensors
 	$(PY) -m avpgan evaluate $(DEMO)/run --shards $(DEMO)/shards --split test --seconds 2 4 \
 	    --attributes $(DEMO)/synthvox/attributes.csv --out $(DEMO)/run/results.json
 	$(PY) -m avpgan generate $(DEMO)/run/model.safetensors $$(ls -d $(DEMO)/synthvox/voxceleb1/wav/*/*/00001.wav | head -8) \

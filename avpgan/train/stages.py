@@ -77,8 +77,10 @@ class Stage:
         manifest = load_manifest(Path(cfg.data.shards))
         self.num_identities = len(manifest["splits"]["train"]["identities"])
 
-    def adam(self, module: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(module.parameters(), lr=self.scfg.lr, betas=tuple(self.scfg.betas))
+    def adam(self, *modules: nn.Module) -> torch.optim.Optimizer:
+        """The stage's Adam over the trainable parameters of `modules` (frozen ones left out)."""
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))
 
     def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
         """Backward + step, skipped (and reported) when the gradients are not finite."""
@@ -343,22 +345,21 @@ class RestoreStage(Stage):
         # global one, and DDP insists that a module's every parameter takes part in its backward.
         disc = models.StyleDiscriminator(r.out_size, r.prior_channels)
         comps = models.FacialComponents(max(8, r.prior_channels // 2))
-        adam = lambda params: torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))  # noqa: E731
-        opt_g = adam([p for p in restorer.parameters() if p.requires_grad])
-        opt_d = adam([*disc.parameters(), *comps.parameters()])
-        self.g, self.d, self.c, self.opt_g, self.opt_d = acc.prepare(restorer, disc, comps, opt_g, opt_d)
+        self.g, self.d, self.c, self.opt_g, self.opt_d = acc.prepare(
+            restorer, disc, comps, self.adam(restorer), self.adam(disc, comps))
 
     def state(self) -> dict:
         return {"g": self.g, "d": self.d, "c": self.c, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
-    def pairs(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from the step's seed
+    def pairs(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(64 px degraded input, clean target) made from the batch's faces; JPEG runs on the CPU."""
+        gen = torch.Generator().manual_seed(seed)
         lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
         return lq.to(self.acc.device), target.to(self.acc.device)
 
     def step(self, batch, step):
         r = self.cfg.model.restorer
-        lq, target = self.pairs(batch, step)
+        lq, target = self.pairs(batch, int(torch.randint(0, 2**31 - 1, (1,))))  # from the step's seed
         for m in (self.g, self.d, self.c):
             m.train()
         with self.acc.autocast():
@@ -383,10 +384,8 @@ class RestoreStage(Stage):
         write_weights(self.acc.unwrap_model(self.g), path)
 
     def fixed_inputs(self) -> dict | None:
-        batch = self.fixed_val_batch()
-        gen = torch.Generator().manual_seed(0)
-        lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
-        return {"lq": lq.to(self.acc.device), "target": target.to(self.acc.device)}
+        lq, target = self.pairs(self.fixed_val_batch(), seed=0)
+        return {"lq": lq, "target": target}
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
