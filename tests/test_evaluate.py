@@ -199,8 +199,17 @@ def test_evaluate_writes_every_key(results):
             assert e["retrieval"]["group_size"] == 2 and e["retrieval"]["recall"]["5"] == 1.0
             assert set(e["attributes"]) == {"gender", "age", "size", "tone"}
             assert 0 <= e["attributes"]["gender"] <= 1
+            d = e["distribution"]
+            assert (d["n_fake"], d["n_real"], d["real_size"]) == (8, r["real_faces"], 64)  # tiny restorer: 64 px
+            assert all(math.isfinite(d[k]) for k in ("fd_lite0", "kid_lite0", "kid_lite0_std")) and d["fd_lite0"] > 0
+            assert set(e["attributes_pixels"]) == {"gender", "age", "size", "tone"}
+            assert all(math.isfinite(v) for v in e["attributes_pixels"].values())
     assert set(r["attributes_real_reference"]) == {"gender", "age", "size", "tone"}
+    assert set(r["attributes_pixels_real_reference"]) == {"gender", "age", "size", "tone"}
     assert r["attribute_probe"]["train_faces"] > 0
+    ref = r["distribution_real_reference"]["64"]
+    assert ref["n_split"] == r["real_faces"] and ref["n_train"] > 0 and math.isfinite(ref["fd_lite0"])
+    assert r["distribution"]["comparable_with_inception_fid"] is False
 
 
 def test_evaluate_logs_to_the_runs_mlflow_run(results, run_dir):
