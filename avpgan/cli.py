@@ -65,14 +65,33 @@ def cmd_shards_check(args: argparse.Namespace) -> int:
     return shards.check(Path(args.dir))
 
 
+def cmd_bank_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from avpgan.data import bank
+    from avpgan.data.layout import IngestError
+    from avpgan.train.stages import weights_path
+
+    cfg = config_mod.load(args.config, args.overrides)
+    run_dir = Path(cfg.train.run_dir)
+    try:
+        bank.prepare(cfg, run_dir, weights_path(cfg, run_dir, "voice"), rebuild=True,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    except (bank.BankError, IngestError, FileNotFoundError) as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from avpgan.data.bank import BankError
     from avpgan.data.stream import StreamError
     from avpgan.train.loop import TrainingStopped, train
 
     cfg = config_mod.load(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
-    except (TrainingStopped, StreamError, FileNotFoundError) as e:
+    except (TrainingStopped, StreamError, BankError, FileNotFoundError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
     return 0
@@ -165,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("check", help="decode every sample and verify the manifest")
     q.add_argument("dir")
     q.set_defaults(func=cmd_shards_check)
+
+    p = sub.add_parser("bank", help="the GAN stage's voice-embedding bank")
+    bsub = p.add_subparsers(dest="bank_command", required=True)
+    q = bsub.add_parser("build", help="embed every train/val utterance once with the run's frozen voice encoder "
+                                      "(RUN/bank/); rebuilds a bank that no longer fits the config")
+    _add_config_args(q)
+    q.set_defaults(func=cmd_bank_build)
 
     p = sub.add_parser("train", help="train the configured stages (resumes automatically)")
     _add_config_args(p)

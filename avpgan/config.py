@@ -26,6 +26,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class BankConfig:
+    """The GAN stage's embedding bank (avpgan/data/bank.py): K crops per utterance embedded once
+    by the frozen voice encoder, so a GAN step reads vectors instead of decoding audio."""
+
+    enabled: bool = True  # false: the GAN stage streams audio (fine-tuning F_e, data too big for memory)
+    crops: int = 8  # K crops embedded per utterance
+    seconds: float = 0.0  # crop length; 0: data.crop_seconds
+    batch_size: int = 64  # crops per encoder batch while building
+
+    def __post_init__(self) -> None:
+        if self.crops < 1:
+            raise ConfigError(f"data.bank.crops: must be at least 1, got {self.crops}")
+        if self.seconds < 0:
+            raise ConfigError(f"data.bank.seconds: must be 0 (data.crop_seconds) or positive, got {self.seconds}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.bank.batch_size: must be at least 1, got {self.batch_size}")
+
+
+@dataclass
 class DataConfig:
     """Where shards live and how samples are cut from them."""
 
@@ -41,6 +60,9 @@ class DataConfig:
     samples_per_shard: int = 1000
     shuffle_buffer: int = 2000
     workers: int = 2  # loader processes per rank
+    # Under data, not train: the bank is the GAN stage's form of the training data (crops cut from
+    # the shards, like crop_seconds), and its file is tied to the shards it was cut from.
+    bank: BankConfig = field(default_factory=BankConfig)
 
 
 @dataclass
@@ -74,6 +96,10 @@ class GeneratorConfig:
     cbam: bool = True
     cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     cbam_reduction: int = 16
+    # DCGAN switches for small budgets (docs/gan_recipe.md); the paper's G has none of them.
+    batch_norm: bool = False  # BatchNorm2d before each hidden ReLU
+    tanh: bool = False  # bound the output to [-1, 1] like the real faces
+    init: str = "default"  # default (PyTorch's) | dcgan (N(0, 0.02) weights, zero biases)
 
 
 @dataclass
@@ -84,6 +110,7 @@ class DiscriminatorConfig:
     cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     cbam_reduction: int = 16
     embed_dim: int = 64  # width of the shared trunk's output that D and C read (Voice2Face: 64)
+    init: str = "default"  # default (PyTorch's) | dcgan (N(0, 0.02) weights)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The training system with real processes: 2 gloo ranks under `accelerate launch`.
 
 The central promise: N steps straight and (kill -9 at any moment, resume) give bit-identical
-weights, because every random choice is a function of (seed, stage, rank, step) and the data
-stream is a function of its saved position.
+weights, because every random choice is a function of (seed, stage, rank, step) and the batch
+source (the shard stream; for the GAN by default the embedding bank) is a function of its saved
+position.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from conftest import ROOT, subprocess_env
 
 STEPS = ["train.stages=[voice,gan]", "train.voice.steps=4", "train.gan.steps=8", "train.checkpoint_every=2",
          "train.log_every=2", "train.sample_every=100", "tracking.enabled=false",
-         "train.voice.batch_size=4", "train.gan.batch_size=4"]
+         "train.voice.batch_size=4", "train.gan.batch_size=4", "data.bank.crops=2"]
+# The GAN stage's two batch sources: the embedding bank (the default) and the audio stream.
+GAN_PATHS = {"bank": [], "audio": ["data.bank.enabled=false"]}
 
 
 def free_port() -> int:
@@ -59,10 +62,17 @@ def assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight")
-    run(train_cmd(tiny_shards, run_dir, 2))
-    return run_dir
+def straight(tiny_shards, tmp_path_factory):
+    """`straight(path)`: the uninterrupted 2-rank run on that GAN path, made once per module."""
+    runs: dict[str, Path] = {}
+
+    def get(path: str) -> Path:
+        if path not in runs:
+            runs[path] = tmp_path_factory.mktemp(f"straight-{path}")
+            run(train_cmd(tiny_shards, runs[path], 2, *GAN_PATHS[path]))
+        return runs[path]
+
+    return get
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
@@ -87,15 +97,18 @@ def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
         psutil.wait_procs(procs, timeout=30)
 
 
-def test_kill9_then_resume_is_bit_identical(tiny_shards, straight, tmp_path):
+@pytest.mark.parametrize("path", GAN_PATHS)
+def test_kill9_then_resume_is_bit_identical(tiny_shards, straight, tmp_path, path):
     run_dir = tmp_path / "killed"
     ckpts = run_dir / "gan" / "checkpoints"
     # Kill in the middle of writing the step-4 checkpoint of the GAN stage (its temp dir exists).
-    kill_when(train_cmd(tiny_shards, run_dir, 2), lambda: any(ckpts.glob("step-0000004*")))
+    kill_when(train_cmd(tiny_shards, run_dir, 2, *GAN_PATHS[path]), lambda: any(ckpts.glob("step-0000004*")))
     assert not (run_dir / "gan" / "model.safetensors").exists()
-    out = run(train_cmd(tiny_shards, run_dir, 2)).stdout
+    out = run(train_cmd(tiny_shards, run_dir, 2, *GAN_PATHS[path])).stdout
     assert "resumed from" in out
-    assert_identical(weights(straight), weights(run_dir))
+    assert "utterances x" not in out  # the bank built before the kill is reused, not rebuilt
+    assert (run_dir / "bank" / "train.safetensors").exists() == (path == "bank")
+    assert_identical(weights(straight(path)), weights(run_dir))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished"
 
@@ -106,7 +119,7 @@ def test_resume_on_other_world_size(tiny_shards, tmp_path):
     ckpts = run_dir / "gan" / "checkpoints"
     kill_when(train_cmd(tiny_shards, run_dir, 2), lambda: (ckpts / "step-0000004" / "COMPLETE").exists())
     p = run(train_cmd(tiny_shards, run_dir, 1))
-    assert "written by 2 ranks, now 1" in p.stdout
+    assert "written by 2 ranks, now 1: the bank sampler goes on at this step" in p.stdout
     assert "resumed from" in p.stdout
     assert (run_dir / "gan" / "model.safetensors").exists()
 
@@ -118,7 +131,7 @@ def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):
     from avpgan import bundle
 
     run_dir = tmp_path / "full"
-    shutil.copytree(straight, run_dir)
+    shutil.copytree(straight("bank"), run_dir)
     run(train_cmd(tiny_shards, run_dir, 2, "train.stages=[voice,embedder,gan,prior,restore]", "train.embedder.steps=3",
                   "train.prior.steps=3", "train.restore.steps=3", "train.prior.batch_size=2", "train.restore.batch_size=2",
                   "model.restorer.r1_every=2"))

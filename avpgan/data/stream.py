@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ class StreamPosition:
     next_worker: int = 0  # which logical worker yields the next batch
     epoch: list[int] = field(default_factory=list)
     index: list[int] = field(default_factory=list)  # samples taken from the shuffle buffer this epoch
+    # What a resume on another world size does (the loop says so): positions cannot be remapped.
+    on_new_world: ClassVar[str] = "the data stream restarts from its first epoch with the new split (see docs/training.md)"
 
     def __post_init__(self) -> None:
         if not self.epoch:

@@ -2,14 +2,14 @@
 
 Read top to bottom: `train()` makes one Accelerator and one tracker for the run and walks the
 configured stages; `run_stage()` resumes a stage from its newest complete checkpoint, pulls
-batches from the shard stream, calls the stage's `step`, logs, checkpoints, and stops cleanly
-on preemption or too many non-finite losses.
+batches from the stage's batch source (the shard stream, or the GAN's embedding bank), calls the
+stage's `step`, logs, checkpoints, and stops cleanly on preemption or too many non-finite losses.
 
 Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/2 steps"):
 - model init is seeded by (seed, stage) on every rank, so all ranks start equal;
 - every step re-seeds torch's RNG from (seed, stage, rank, step), so noise, dropout and
   augmentation inside a step depend on the step number only, not on what ran before;
-- the data stream is a pure function of its saved `StreamPosition`;
+- the batch source is a pure function of its saved position (`StreamPosition`, `BankPosition`);
 - models, EMA, optimizers and scaler round-trip exactly through `checkpoint.py`.
 """
 
@@ -30,7 +30,6 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from avpgan import bundle
 from avpgan import config as config_mod
 from avpgan.config import Config
-from avpgan.data.stream import StreamPosition, make_stream
 from avpgan.train import checkpoint, preempt
 from avpgan.train.stages import STAGES, Stage
 from avpgan.train.tracking import Tracker
@@ -161,29 +160,25 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     stage = stage_cls(cfg, acc, run_dir)
     state = stage.state()
 
-    step, position = 0, StreamPosition(max(1, cfg.data.workers))
+    step, saved = 0, None
     start = None if resume == "never" else (checkpoint.latest(ckpt_root) if resume == "auto" else Path(resume))
     if start is not None:
         meta, rank_state = checkpoint.load(start, state)
         step = int(meta["step"])
-        if rank_state is not None and "stream" in rank_state:
-            position = StreamPosition.from_state_dict(rank_state["stream"])
-        else:
-            acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
-                      "the data stream restarts from its first epoch with the new split (see docs/training.md)")
-        acc.print(f"[{name}] resumed from {start} at step {step}")
+        saved = (rank_state or {}).get("stream")
 
-    stream, position = make_stream(
-        cfg.data, stage.split, scfg.batch_size, rank=acc.process_index, world_size=acc.num_processes,
-        seed=_seed_for(cfg.train.seed, name, "data"), position=position, crop_seconds=stage.crop_seconds,
-        face128=stage.face128, pin_memory=acc.device.type == "cuda",
-    )
+    source, position = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
+    if start is not None:
+        if saved is None:
+            acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
+                      f"{position.on_new_world}")
+        acc.print(f"[{name}] resumed from {start} at step {step}")
     fixed = stage.fixed_inputs() if acc.is_main_process else None
 
     def save(at_step: int) -> None:
         checkpoint.save(
             ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
-            rank_state={"stream": position.state_dict()},
+            rank_state={"stream": position.state_dict()},  # the batch source's position, stream or bank
             meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
                   "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id, "config": config_mod.to_yaml(cfg)},
         )
@@ -198,9 +193,9 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         torch.cuda.reset_peak_memory_stats()
     while step < scfg.steps:
         t0 = time.perf_counter()
-        batch = next(stream)
+        batch = next(source)
         position.update(batch)
-        bad_samples[batch["worker"]] = batch["corrupt"] + batch["tar_errors"]
+        bad_samples[batch.get("worker", 0)] = batch.get("corrupt", 0) + batch.get("tar_errors", 0)  # the bank has none
         t1 = time.perf_counter()
         torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}

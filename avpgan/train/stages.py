@@ -1,7 +1,8 @@
 """The pipeline's stages: which networks each trains, on which batches, with one `step`.
 
 A stage builds its networks and optimizers, hands them to `accelerator.prepare`, and exposes
-`state()` (everything a checkpoint must hold), `step(batch, step)` (one update, returning
+`state()` (everything a checkpoint must hold), `batches(...)` (where its batches come from: the
+shard stream, or for the GAN the embedding bank), `step(batch, step)` (one update, returning
 metrics and whether the update was finite), `write_model(path)` (the weights later stages and
 `avpgan export` read) and, optionally, a fixed-input sample grid for MLflow.
 
@@ -17,6 +18,7 @@ A new stage is one class here, one entry in STAGES and one `train.<name>` config
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,8 +30,9 @@ from torch import nn
 from avpgan import models
 from avpgan.bundle import build_embedder, build_restorer
 from avpgan.config import Config
+from avpgan.data import bank
 from avpgan.data.shards import load_manifest
-from avpgan.data.stream import make_stream
+from avpgan.data.stream import StreamPosition, make_stream
 from avpgan.features import LogMel
 from avpgan.images import make_grid
 from avpgan.train.ema import EMA
@@ -98,6 +101,19 @@ class Stage:
 
     def state(self) -> dict:
         raise NotImplementedError
+
+    def batches(self, seed: int, step: int, saved: dict | None) -> tuple[Iterator[dict], StreamPosition | bank.BankPosition]:
+        """This rank's batches from `step` on, and the position the loop updates and checkpoints.
+
+        `saved` is the position this rank checkpointed (None: a fresh start, or a checkpoint from
+        another world size). The default is the shard stream of `split`.
+        """
+        position = StreamPosition.from_state_dict(saved) if saved is not None else None
+        return make_stream(
+            self.cfg.data, self.split, self.scfg.batch_size, rank=self.acc.process_index,
+            world_size=self.acc.num_processes, seed=seed, position=position, crop_seconds=self.crop_seconds,
+            face128=self.face128, pin_memory=self.acc.device.type == "cuda",
+        )
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], bool]:
         raise NotImplementedError
@@ -202,12 +218,16 @@ def load_voice_encoder(cfg: Config, run_dir: Path, device) -> nn.Module:
 
 class GanStage(Stage):
     """Algorithm 1. D and C share one trunk (as Voice2Face) and update together on real faces
-    (C) and real vs generated (D); then G updates against the updated D and C."""
+    (C) and real vs generated (D); then G updates against the updated D and C.
+
+    F_e is frozen, so by default (data.bank.enabled) the voices come from the embedding bank
+    (avpgan/data/bank.py), built on first use; otherwise from the audio stream through F_e."""
 
     name = "gan"
 
     def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
         super().__init__(cfg, acc, run_dir)
+        self.voice_weights = weights_path(cfg, run_dir, "voice")
         self.encoder = load_voice_encoder(cfg, run_dir, acc.device)
         g = models.build_generator(cfg.model.generator)
         d = models.build_discriminator(cfg.model.discriminator, self.num_identities, embed_dim=cfg.model.voice.embed_dim)
@@ -218,13 +238,29 @@ class GanStage(Stage):
     def state(self) -> dict:
         return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
-    def embed(self, audio: torch.Tensor, noise_std: float) -> torch.Tensor:
+    def batches(self, seed, step, saved):
+        if not self.cfg.data.bank.enabled:
+            return super().batches(seed, step, saved)
+        acc = self.acc
+        paths = bank.prepare(self.cfg, self.run_dir, self.voice_weights, device=acc.device, rank=acc.process_index,
+                             world_size=acc.num_processes, barrier=acc.wait_for_everyone, log=acc.print)
+        train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, acc.device)
+        position = bank.BankPosition.from_state_dict(saved) if saved is not None else bank.BankPosition(step)
+        sampler = bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=acc.process_index,
+                                   world_size=acc.num_processes, start_step=position.step)
+        return sampler, position
+
+    def embed(self, batch: dict, noise_std: float) -> torch.Tensor:
+        """The unit voice embedding G is fed: from the bank's stored one, or F_e on the batch's audio.
+        Either way Voice2Face's training noise goes on top (normalising a unit vector changes nothing)."""
         with torch.no_grad():
-            return models.voice_embedding(self.encoder(self.logmel(audio)), noise_std=noise_std)
+            if "embedding" in batch:
+                return models.voice_embedding(batch["embedding"], noise_std=noise_std)
+            return models.voice_embedding(self.encoder(self.logmel(batch["audio"])), noise_std=noise_std)
 
     def step(self, batch, step):
         face, label = batch["face"], batch["label"]
-        emb = self.embed(batch["audio"], self.cfg.model.voice.noise_std)
+        emb = self.embed(batch, self.cfg.model.voice.noise_std)
         self.g.train()
         self.d.train()
         with self.acc.autocast():
@@ -249,11 +285,17 @@ class GanStage(Stage):
         write_weights(self.ema.module, path)
 
     def fixed_inputs(self) -> dict | None:
-        return self.fixed_val_batch()
+        """The same validation voices every time: the val bank's first 8 utterances (crop 0) on the
+        bank path, the val stream's first batch on the audio path."""
+        if not self.cfg.data.bank.enabled:
+            return self.fixed_val_batch()
+        val = bank.load(self.cfg, "val", bank.bank_file(self.run_dir, "val"), self.voice_weights, self.acc.device)
+        index = torch.arange(8, device=val.device) % len(val)
+        return {"embedding": val.embedding[index, 0], "face": val.faces(index)}
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
-        fake = self.ema(self.embed(fixed["audio"], 0.0)).clamp(-1, 1)
+        fake = self.ema(self.embed(fixed, 0.0)).clamp(-1, 1)
         return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
 
 
