@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from avpgan import bundle as bundle_mod
 from avpgan.audio import AudioError, read_audio, remove_silence
 from avpgan.features import LogMel
-from avpgan.images import make_grid, save_png, to_uint8
+from avpgan.images import make_grid, read_image, resize, save_png, to_tensor, to_uint8
 from avpgan.models import voice_embedding
 
 MIN_VOICED_SECONDS = 0.25  # less than about one syllable of voice: nothing to base a face on
@@ -162,29 +162,43 @@ def _out_stem(path: Path, taken: set[str]) -> str:
     return stem
 
 
-def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8) -> np.ndarray:
-    """Up to `cols` voices per row; with a restorer each row of 64 px faces (scaled up, nearest)
-    sits above the row of their restored faces. Empty cells at the end stay black."""
+def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8,
+               real: torch.Tensor | None = None) -> np.ndarray:
+    """Up to `cols` voices per row; each row of 64 px faces (scaled up, nearest) sits below the
+    speakers' real faces when given and above their restored faces when the bundle restores.
+    Empty cells at the end stay black."""
     cols = min(cols, len(faces))
     size = restored.shape[-1] if restored is not None else faces.shape[-1]
     faces = F.interpolate(faces, size=(size, size), mode="nearest")
+    if real is not None:
+        real = F.interpolate(real, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     pad = -len(faces) % cols
     rows = []
-    for part in (faces, restored):
+    for part in (real, faces, restored):
         if part is not None and pad:
             part = torch.cat([part, part.new_full((pad, *part.shape[1:]), -1.0)])
         rows.append(part)
-    chunks = [part[i : i + cols] for i in range(0, len(rows[0]), cols) for part in rows if part is not None]
+    chunks = [part[i : i + cols] for i in range(0, len(faces) + pad, cols) for part in rows if part is not None]
     return make_grid(chunks, nrow=cols)
+
+
+def read_faces(paths: list[str | Path], size: int) -> torch.Tensor:
+    """Reference pictures for the grid, centre-cropped and resized like the training faces."""
+    return torch.stack([to_tensor(resize(read_image(p), size)) for p in paths])
 
 
 def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], out: str | Path,
              seconds: float | None = None, restore: bool = True, grid: bool = False, batch_size: int = 64,
-             device: str | torch.device | None = None, log: Callable[[str], None] = print) -> Report:
+             device: str | torch.device | None = None, real: list[str | Path] | None = None,
+             log: Callable[[str], None] = print) -> Report:
     """Write OUT/<stem>_64.png (and OUT/<stem>_<size>_restored.png) per usable voice file.
 
     Files go through in chunks of `batch_size`, so memory stays bounded however many are given.
+    `real`: one picture of each speaker, in the order of `voices`, shown above its generated
+    face in the grid so that a reader can judge whether the face follows the voice.
     """
+    if real is not None and len(real) != len(voices):
+        raise ValueError(f"--real: {len(real)} pictures for {len(voices)} voices; give one picture per voice")
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle = model if isinstance(model, bundle_mod.Bundle) else open_model(model, device)
@@ -199,12 +213,15 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
     report = Report()
     taken: set[str] = set()
     shown: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # for the grid
+    shown_real: list[str | Path] = []  # the reference picture of each shown voice
 
     for first in range(0, len(voices), batch_size):
         ready: list[Voice] = []
-        for v in voices[first : first + batch_size]:
+        for i, v in enumerate(voices[first : first + batch_size], start=first):
             try:
                 ready.append(prepare(Path(v), net.sample_rate, seconds, cfg.data.vad_top_db))
+                if real is not None:
+                    shown_real.append(real[i])
             except AudioError as e:
                 report.skipped.append({"voice": str(v), "reason": str(e)})
                 log(f"skipped {e}")
@@ -230,9 +247,11 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
     if grid and shown:
         path = out / "grid.png"
         with_restored = shown[0][1] is not None
-        save_png(grid_image(torch.cat([f for f, _ in shown]),
-                            torch.cat([r for _, r in shown]) if with_restored else None), path)
-        log(f"grid: {path} (generator faces" + (" above their restored faces)" if with_restored else ")"))
+        faces = torch.cat([f for f, _ in shown])
+        reference = read_faces(shown_real, faces.shape[-1]) if real is not None else None
+        save_png(grid_image(faces, torch.cat([r for _, r in shown]) if with_restored else None, real=reference), path)
+        log(f"grid: {path} (" + ("real faces above " if real is not None else "")
+            + "generator faces" + (" above their restored faces)" if with_restored else ")"))
     report.seconds_total = time.perf_counter() - t_start
     return report
 

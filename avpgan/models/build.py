@@ -28,6 +28,9 @@ def build_generator(cfg: GeneratorConfig) -> Generator:
         cbam=cfg.cbam,
         cbam_layers=tuple(cfg.cbam_layers),
         cbam_reduction=cfg.cbam_reduction,
+        batch_norm=cfg.batch_norm,
+        tanh=cfg.tanh,
+        init=cfg.init,
     )
 
 
@@ -41,4 +44,5 @@ def build_discriminator(cfg: DiscriminatorConfig, num_identities: int, embed_dim
         cbam_layers=tuple(cfg.cbam_layers),
         cbam_reduction=cfg.cbam_reduction,
         embed_dim=embed_dim if embed_dim is not None else getattr(cfg, "embed_dim", 64),
+        init=cfg.init,
     )

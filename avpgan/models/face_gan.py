@@ -36,10 +36,33 @@ def _attention(kind: str, enabled: bool, layers: Sequence[int], widths: Sequence
     return nn.ModuleDict({str(k): CBAM(widths[k - 1], reduction) for k in sorted(set(layers))})
 
 
+def dcgan_init(modules: Sequence[nn.Module]) -> None:
+    """Radford et al.'s init: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0.
+
+    PyTorch's default (Kaiming-uniform with a = sqrt(5)) shrinks each transposed conv's output
+    well below its input, so a 6-layer G without normalisation starts as an almost constant
+    image whose colour is the last layer's bias; DCGAN's init keeps the signal alive.
+    """
+    for m in modules:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(w, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 class Generator(nn.Module):
     """[B, embed_dim] (or Voice2Face's [B, embed_dim, 1, 1]) -> [B, 3, S, S], S = 4 * 2**(len(channels) - 1).
 
-    The output is unbounded (no tanh, as Voice2Face); images are clamped to [-1, 1] only when saved.
+    The paper's G (and Voice2Face's): transposed convs + ReLU, no normalisation, an unbounded
+    output clamped to [-1, 1] only when saved. Three DCGAN switches, off by default, make it
+    learn in minutes on small budgets (docs/gan_recipe.md shows why each is needed there):
+    `batch_norm` (BatchNorm2d before each hidden ReLU, so CBAM's ~0.25 gate scale at init does
+    not compound through the layers), `tanh` (outputs bounded like the real faces) and
+    `init="dcgan"` (see `dcgan_init`).
     """
 
     def __init__(
@@ -50,19 +73,29 @@ class Generator(nn.Module):
         cbam: bool = True,
         cbam_layers: Sequence[int] = (2, 3, 4, 5),
         cbam_reduction: int = 16,
+        batch_norm: bool = False,
+        tanh: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         if len(channels) < 1:
             raise ValueError("Generator: channels must name at least one layer width")
+        if init not in ("default", "dcgan"):
+            raise ValueError(f"Generator: init must be 'default' or 'dcgan', got '{init}'")
         self.embed_dim = embed_dim
         self.out_size = 4 * 2 ** (len(channels) - 1)
+        self.tanh = tanh
         convs = [nn.ConvTranspose2d(embed_dim, channels[0], 4, 1, 0)]
         convs += [nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(channels[:-1], channels[1:])]
         convs.append(nn.ConvTranspose2d(channels[-1], 3, 1, 1, 0))
         if spectral_norm:  # layers 2..len(channels): every upsampler, not the first or the RGB layer
             convs[1:-1] = [_sn(c) for c in convs[1:-1]]
         self.convs = nn.ModuleList(convs)
+        # One norm per hidden layer; an empty list keeps the paper's state-dict layout unchanged.
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels) if batch_norm else nn.ModuleList()
         self.attention = _attention("Generator", cbam, cbam_layers, channels, cbam_reduction)
+        if init == "dcgan":  # the network's own layers; CBAM gates keep their init
+            dcgan_init([*self.convs, *self.norms])
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         if embedding.dim() == 4 and embedding.shape[2:] == (1, 1):
@@ -74,10 +107,12 @@ class Generator(nn.Module):
         for k, conv in enumerate(self.convs, start=1):
             x = conv(x)
             if k < last:
+                if self.norms:
+                    x = self.norms[k - 1](x)
                 x = F.relu(x)
             if str(k) in self.attention:
                 x = self.attention[str(k)](x)
-        return x
+        return torch.tanh(x) if self.tanh else x
 
 
 class FaceDiscriminator(nn.Module):
@@ -99,10 +134,13 @@ class FaceDiscriminator(nn.Module):
         cbam_layers: Sequence[int] = (2, 3, 4, 5),
         cbam_reduction: int = 16,
         embed_dim: int = 64,
+        init: str = "default",
     ):
         super().__init__()
         if len(channels) < 1:
             raise ValueError("FaceDiscriminator: channels must name at least one layer width")
+        if init not in ("default", "dcgan"):
+            raise ValueError(f"FaceDiscriminator: init must be 'default' or 'dcgan', got '{init}'")
         if num_identities < 1:
             raise ValueError(f"FaceDiscriminator: num_identities must be >= 1, got {num_identities}")
         self.in_size = 4 * 2 ** (len(channels) - 1)
@@ -115,6 +153,8 @@ class FaceDiscriminator(nn.Module):
         self.attention = _attention("FaceDiscriminator", cbam, cbam_layers, channels, cbam_reduction)
         self.real_fake = nn.Linear(embed_dim, 1, bias=False)
         self.classifier = nn.Linear(embed_dim, num_identities, bias=False)
+        if init == "dcgan":
+            dcgan_init([*self.trunk, self.real_fake, self.classifier])
 
     def features(self, face: torch.Tensor) -> torch.Tensor:
         """The shared trunk: [B, 3, S, S] -> [B, embed_dim]."""
