@@ -139,7 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         report = generate(Path(args.model), args.voices, Path(args.out), seconds=args.seconds,
-                          restore=not args.no_restore, grid=args.grid, batch_size=args.batch_size)
+                          restore=not args.no_restore, grid=args.grid, batch_size=args.batch_size,
+                          real=args.real)
     except (FileNotFoundError, ValueError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip length (default: the model's training crop); longer files: mean over windows")
     p.add_argument("--no-restore", action="store_true", help="skip the restoration model")
     p.add_argument("--grid", action="store_true", help="also write grid.png with every face")
+    p.add_argument("--real", nargs="+", default=None, metavar="IMAGE",
+                   help="one picture of each speaker, in the order of the voices: shown above its generated face in grid.png")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 

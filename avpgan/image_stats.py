@@ -135,9 +135,3 @@ def feature_distances(fake_feats: np.ndarray, real_feats: np.ndarray) -> dict:
         out["fd_lite0"] = frechet_distance(fake_feats, real_feats)
         out["kid_lite0"], out["kid_lite0_std"] = kernel_inception_distance(fake_feats, real_feats)
     return out
-
-
-def distribution_metrics(fake: torch.Tensor, real: torch.Tensor, features: FaceFeatures) -> dict:
-    """{fd_lite0, kid_lite0, kid_lite0_std, n_fake, n_real} of two image sets ([N, 3, H, W] in
-    [-1, 1]), for a training loop's sample intervals; see `feature_distances` for the Nones."""
-    return feature_distances(features(fake), features(real))

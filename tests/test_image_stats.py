@@ -75,14 +75,14 @@ def test_face_features_are_finite_deterministic_and_batch_independent():
     assert features(torch.nn.functional.interpolate(faces, size=128, mode="bilinear")).shape == (4, 1280)
 
 
-def test_distribution_metrics_keys_and_too_small_sets():
+def test_feature_distances_keys_and_too_small_sets():
     torch.manual_seed(0)
     features = ist.FaceFeatures("cpu")
     fake, real = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
-    m = ist.distribution_metrics(fake, real, features)
+    m = ist.feature_distances(features(fake), features(real))
     assert set(m) == {"fd_lite0", "kid_lite0", "kid_lite0_std", "n_fake", "n_real"}
     assert (m["n_fake"], m["n_real"]) == (3, 4) and m["fd_lite0"] > 0 and np.isfinite(m["kid_lite0"])
-    one = ist.distribution_metrics(fake[:1], real, features)
+    one = ist.feature_distances(features(fake[:1]), features(real))
     assert one["fd_lite0"] is None and one["kid_lite0"] is None and one["n_fake"] == 1
 
 

@@ -249,6 +249,10 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             if grid is not None:
                 tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
                 _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
+            extra = stage.sample_metrics(fixed)
+            if extra:
+                tracker.log_metrics({f"{name}/{k}": v for k, v in extra.items()}, step=global_offset + step)
+                acc.print(f"[{name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in extra.items()))
 
         if step == scfg.steps:
             break

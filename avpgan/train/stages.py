@@ -127,6 +127,10 @@ class Stage:
     def sample_grid(self, fixed: dict) -> np.ndarray | None:
         return None
 
+    def sample_metrics(self, fixed: dict) -> dict[str, float]:
+        """Metrics computed with the fixed inputs at every sample interval (none by default)."""
+        return {}
+
     def fixed_val_batch(self, n: int = 8) -> dict:
         """The same voices/faces every time: the first validation batch for seed 0, no flips."""
         stream, _ = make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True)
@@ -234,6 +238,7 @@ class GanStage(Stage):
         self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
         self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
         self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
+        self._features = self._real_features = None  # Lite0 net and the val faces' features, made once
 
     def state(self) -> dict:
         return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
@@ -285,18 +290,51 @@ class GanStage(Stage):
         write_weights(self.ema.module, path)
 
     def fixed_inputs(self) -> dict | None:
-        """The same validation voices every time: the val bank's first 8 utterances (crop 0) on the
-        bank path, the val stream's first batch on the audio path."""
+        """Fixed voices for the sample grid and the interval metrics.
+
+        On the bank path: one utterance of each of 8 train identities spread over the labels
+        (does G fit the voices it trains on?) and of 8 validation identities (does it generalise
+        to voices it never saw?), plus every validation utterance (crop 0) and face for the
+        distribution metric. The audio path shows the validation stream's first batch only.
+        """
         if not self.cfg.data.bank.enabled:
             return self.fixed_val_batch()
         val = bank.load(self.cfg, "val", bank.bank_file(self.run_dir, "val"), self.voice_weights, self.acc.device)
-        index = torch.arange(8, device=val.device) % len(val)
-        return {"embedding": val.embedding[index, 0], "face": val.faces(index)}
+        train = bank.load(self.cfg, "train", bank.bank_file(self.run_dir, "train"), self.voice_weights, self.acc.device)
+        fixed = {"val_embedding": val.embedding[:, 0], "val_face": val.faces(torch.arange(len(val), device=val.device))}
+        for split, b in (("train", train), ("val", val)):
+            labels = torch.unique(b.label)
+            picked = labels[torch.linspace(0, len(labels) - 1, min(8, len(labels))).round().long()]
+            first = torch.stack([torch.nonzero(b.label == lab)[0, 0] for lab in picked])
+            fixed[f"{split}_grid_embedding"], fixed[f"{split}_grid_face"] = b.embedding[first, 0], b.faces(first)
+        return fixed
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
-        fake = self.ema(self.embed(fixed, 0.0)).clamp(-1, 1)
-        return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
+        if "embedding" not in fixed and "audio" in fixed:  # audio path: validation voices only
+            fake = self.ema(self.embed(fixed, 0.0)).clamp(-1, 1)
+            return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
+        rows = []
+        for split in ("train", "val"):
+            fake = self.ema(self.embed({"embedding": fixed[f"{split}_grid_embedding"]}, 0.0)).clamp(-1, 1)
+            rows += [fixed[f"{split}_grid_face"], fake]
+        return make_grid(rows, nrow=rows[0].shape[0])
+
+    @torch.no_grad()
+    def sample_metrics(self, fixed: dict) -> dict[str, float]:
+        """fd_lite0 / kid_lite0 of the EMA generator's faces for every validation voice against
+        the validation faces, so the curves show G improving (or collapsing) between grids."""
+        if "val_embedding" not in fixed:
+            return {}
+        from avpgan.image_stats import FaceFeatures, feature_distances
+
+        if self._features is None:
+            self._features = FaceFeatures(self.acc.device)
+            self._real_features = self._features(fixed["val_face"])
+        fake = torch.cat([self.ema(self.embed({"embedding": e}, 0.0)).clamp(-1, 1)
+                          for e in fixed["val_embedding"].split(256)])
+        out = feature_distances(self._features(fake), self._real_features)
+        return {k: float(out[k]) for k in ("fd_lite0", "kid_lite0") if out.get(k) is not None}
 
 
 def faces_at(batch: dict, size: int) -> torch.Tensor:
