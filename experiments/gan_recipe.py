@@ -1,0 +1,117 @@
+"""Controlled GAN-recipe experiments behind docs/gan_recipe.md (in memory, no training loop).
+
+Needs SynthVox + shards in $AVPGAN_EXP/{synthvox,shards} (160 identities were used) and a voice
+stage's weights (`--enc`, e.g. from `make demo`); see docs/gan_recipe.md for the commands.
+Prints pixel-probe gender accuracy / tone r on unseen voices and writes sample grids.
+"""
+import time, sys, json, csv
+from pathlib import Path
+import numpy as np, torch, torch.nn.functional as F
+
+from avpgan.data.shards import load_manifest
+from avpgan.evaluate import split_samples
+from avpgan.features import LogMel
+from avpgan.config import FeatureConfig
+from avpgan import models
+from avpgan.images import make_grid, save_png
+from safetensors.torch import load_file
+
+EXP = Path(__import__("os").environ.get("AVPGAN_EXP", "data/recipe"))
+SH = EXP / "shards"
+
+def load_split(split):
+    m = load_manifest(SH)
+    audio, face, label, names = [], [], [], []
+    for s in split_samples(SH, m, split, lambda n: True, []):
+        audio.append(np.array(s["audio"])); face.append(np.array(s["face"])); label.append(int(s["meta"]["label"])); names.append(s["meta"]["name"])
+    return dict(audio=audio, face=np.stack(face), label=np.array(label), names=names)
+
+def attrs():
+    out = {}
+    with open(EXP / "synthvox" / "attributes.csv") as f:
+        for r in csv.DictReader(f):
+            out[r["vggface_name"]] = dict(gender=1.0 if r["gender"]=="m" else -1.0, tone=float(r["tone"]), age=float(r["age"]))
+    return out
+
+def crop(a, n, rng):
+    if len(a) >= n:
+        o = rng.integers(0, len(a)-n+1); return a[o:o+n]
+    r = np.tile(a, n//len(a)+1); return r[:n]
+
+def faces_t(u8):
+    return torch.from_numpy(u8).permute(0,3,1,2).float().sub(127.5).div(127.5).contiguous()
+
+def ridge(x, y, lam=1.0):
+    mu, sd = x.mean(0), x.std(0)+1e-6
+    xs = (x-mu)/sd
+    w = np.linalg.solve(xs.T@xs + lam*np.eye(xs.shape[1]), xs.T@(y-y.mean()))
+    return lambda z: ((z-mu)/sd)@w + y.mean()
+
+def pix(faces_u8_or_t, size=16):
+    t = faces_u8_or_t if torch.is_tensor(faces_u8_or_t) else faces_t(faces_u8_or_t)
+    return F.interpolate(t, size=(size,size), mode="bilinear", antialias=True, align_corners=False).flatten(1).numpy()
+import argparse
+ap = argparse.ArgumentParser()
+ap.add_argument("--enc", default="data/demo/run/voice/model.safetensors", help="a voice stage's weights (tiny widths)"); ap.add_argument("--steps", type=int, default=1000); ap.add_argument("--batch", type=int, default=32)
+ap.add_argument("--gch", default="[128,64,32,16,8]"); ap.add_argument("--dch", default="[8,16,32,64,64]")
+ap.add_argument("--bn", type=int, default=1); ap.add_argument("--tanh", type=int, default=1); ap.add_argument("--init", default="dcgan"); ap.add_argument("--dinit", default="default")
+ap.add_argument("--sn", type=int, default=0); ap.add_argument("--dsn", type=int, default=0); ap.add_argument("--cbam", type=int, default=0); ap.add_argument("--lr", type=float, default=2e-4); ap.add_argument("--glr", type=float, default=0)
+ap.add_argument("--secs", type=float, default=4.0); ap.add_argument("--tag", default="x"); ap.add_argument("--every", type=int, default=250); ap.add_argument("--cw", type=float, default=1.0)
+a = ap.parse_args()
+torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
+tr, te = load_split("train"), load_split("test")
+A = attrs()
+lm = LogMel(FeatureConfig(normalize=False))
+enc = models.VoiceEncoder(channels=[32,48,64,96]); enc.load_state_dict(load_file(a.enc)); enc.eval()
+n = int(a.secs*16000)
+def bank(d, k, seed):
+    r = np.random.default_rng(seed); out=[]
+    with torch.no_grad():
+        for i in range(0, len(d["audio"]), 64):
+            x = torch.from_numpy(np.stack([crop(au, n, r) for au in d["audio"][i:i+64] for _ in range(k)]))
+            out.append(F.normalize(enc(lm(x)),dim=1).view(-1,k,64))
+    return torch.cat(out)
+t0=time.time(); btr = bank(tr, 8, 0); bte = bank(te, 1, 1)[:,0]; print("bank", time.time()-t0, flush=True)
+ftr = faces_t(tr["face"]); fte = faces_t(te["face"]); ltr = torch.from_numpy(tr["label"])
+ids = int(ltr.max())+1
+by_id = [torch.nonzero(ltr==l).flatten() for l in range(ids)]
+torch.manual_seed(0)
+gch, dch = json.loads(a.gch), json.loads(a.dch)
+G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init)
+D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn), cbam=bool(a.cbam), cbam_reduction=4, init=a.dinit)
+from avpgan.train.ema import EMA
+ema = EMA(G, 0.999)
+og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam(D.parameters(), lr=a.lr, betas=(0.5,0.999))
+# pixel probes fitted on real train faces
+ptr = pix(ftr); yg = np.array([A[nm]["gender"] for nm in tr["names"]]); yt = np.array([A[nm]["tone"] for nm in tr["names"]])
+pg, pt = ridge(ptr, yg, 10.0), ridge(ptr, yt, 10.0)
+ygte = np.array([A[nm]["gender"] for nm in te["names"]]); ytte = np.array([A[nm]["tone"] for nm in te["names"]])
+pte = pix(fte); print("real test: gender", np.mean(np.sign(pg(pte))==ygte), "tone r", np.corrcoef(pt(pte), ytte)[0,1])
+# fixed grid: 8 train ids, 8 test ids
+gtr_i = torch.tensor([by_id[l][0].item() for l in range(0, ids, ids//8)][:8]); gte_i = torch.arange(0, len(te["audio"]), len(te["audio"])//8)[:8]
+def evaluate(net, s):
+    net.eval()
+    with torch.no_grad():
+        fake = net(bte).clamp(-1,1); ftrain = net(btr[gtr_i,0]).clamp(-1,1)
+    net.train()
+    p = pix(fake); gacc = np.mean(np.sign(pg(p))==ygte); tr_ = np.corrcoef(pt(p), ytte)[0,1]
+    spread = fake.std(0).mean().item() / fte.std(0).mean().item()
+    grid = make_grid([ftr[gtr_i], ftrain, fte[gte_i], fake[gte_i]], nrow=8)
+    save_png(grid, EXP / f"grid_{a.tag}_{s:05d}.png")
+    return f"gender {gacc:.2f} tone r {tr_:.2f} spread {spread:.2f}"
+t0=time.time()
+for s in range(1, a.steps+1):
+    i = torch.randint(0, len(btr), (a.batch,)); k = torch.randint(0, 8, (a.batch,))
+    emb = models.voice_embedding(btr[i, k], 0.05); lab = ltr[i]
+    fi = torch.stack([by_id[l][torch.randint(0, len(by_id[l]), (1,))].squeeze() for l in lab.tolist()])
+    face = ftr[fi]; flip = torch.rand(a.batch) < 0.5; face = torch.where(flip[:,None,None,None], face.flip(3), face)
+    fake = G(emb)
+    logit, idl = D(torch.cat([face, fake.detach()]))
+    ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+    od.zero_grad(); (ld+lc).backward(); od.step()
+    fl, fid = D(fake)
+    lg = F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
+    og.zero_grad(); lg.backward(); og.step(); D.zero_grad(set_to_none=True)
+    ema.update(G)
+    if s % a.every == 0 or s == a.steps:
+        print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| EMA:", evaluate(ema.module, s+1), flush=True)
