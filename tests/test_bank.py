@@ -110,9 +110,9 @@ def test_a_stale_bank_is_refused_with_the_field_and_the_fix(tiny_shards, built, 
     assert msg.startswith(f"{path}: ") and "encoder_sha256" in msg and "avpgan bank build" in msg and "delete" in msg
     assert "\n" not in msg
 
-    shorter = config_mod.load(None, [f"data.shards={tiny_shards}", "data.crop_seconds=2.0", f"data.bank.crops={CROPS}",
+    shorter = config_mod.load(None, [f"data.shards={tiny_shards}", f"data.crop_seconds={cfg.data.crop_seconds}", f"data.bank.crops={CROPS}",
                                      "data.bank.seconds=1.0", f"model.voice.channels={cfg.model.voice.channels}"])
-    with pytest.raises(bank.BankError, match=r"crop_seconds=2\.0, this run has crop_seconds=1\.0"):
+    with pytest.raises(bank.BankError, match=rf"crop_seconds={cfg.data.crop_seconds}, this run has crop_seconds=1\.0"):
         bank.load(shorter, "train", path, weights)
     # Training refuses as well (it never rebuilds behind the user's back) ...
     with pytest.raises(bank.BankError, match="crop_seconds"):
@@ -197,8 +197,6 @@ def test_gan_step_on_the_bank_equals_the_step_on_its_audio(tiny_shards, tmp_path
     bank_batch = {"embedding": bank._Embedder(cfg, weights, torch.device("cpu"))(list(batch["audio"].numpy())),
                   "face": batch["face"], "label": batch["label"]}
 
-    # Adam's first step moves every weight by about lr * sign(grad), so a voice 1% off still lands
-    # within ~1e-6; the tolerance must be far below that to mean anything (same crops: ~5e-10).
     nearby = dict(bank_batch, embedding=torch.nn.functional.normalize(
         bank_batch["embedding"] + 0.01 * torch.randn(bank_batch["embedding"].shape, generator=torch.Generator().manual_seed(0))))
 
@@ -213,9 +211,14 @@ def test_gan_step_on_the_bank_equals_the_step_on_its_audio(tiny_shards, tmp_path
         assert any(not torch.equal(initial[k], v) for k, v in nets["g"].items())  # the step did update G
         return nets | {"ema": stage.ema.module.state_dict()}
 
-    def close(x: dict, y: dict) -> bool:
-        return all(torch.allclose(x[n][k], y[n][k], rtol=0, atol=1e-8) for n in x for k in x[n])
+    def mean_diff(x: dict, y: dict) -> float:
+        diffs = torch.cat([(x[n][k].double() - y[n][k].double()).abs().flatten() for n in x for k in x[n]])
+        return float(diffs.mean())
 
     on_audio = after_one_step(audio_batch)
-    assert close(on_audio, after_one_step(bank_batch))
-    assert not close(on_audio, after_one_step(nearby))
+    same, off = mean_diff(on_audio, after_one_step(bank_batch)), mean_diff(on_audio, after_one_step(nearby))
+    print(f"mean |difference| after one step: same crops {same:.3g}, voice 1% off {off:.3g}")
+    # Adam's first step is about lr * sign(grad), so a gradient element near zero can flip sign on
+    # float rounding between the two embedding paths (~1e-9) and move by 2 lr; a mean over all
+    # weights stays far below what a genuinely different voice does.
+    assert same < off / 100

@@ -59,7 +59,7 @@ def test_generate_good_files_and_names_bad_ones(model, voices, tmp_path, capsys)
         face = np.asarray(Image.open(out / f"{good}_64.png"))
         restored = np.asarray(Image.open(out / f"{good}_64_restored.png"))  # tiny config restores at 64 px
         assert face.shape == (64, 64, 3) and restored.shape == (64, 64, 3)
-    assert "repeated to 2 s" in printed  # short.wav: 0.7 s of voice, tiled up to the 2 s crop
+    assert "repeated to 4 s" in printed  # short.wav: 0.7 s of voice, tiled up to tiny.yaml's 4 s crop
     assert "mean of" in printed  # the long ones: several windows
     for bad, why in (("corrupt.wav", "cannot decode"), ("empty.wav", "empty file"), ("silent.wav", "of voice")):
         line = next(line for line in printed.splitlines() if line.startswith("skipped") and bad in line)
