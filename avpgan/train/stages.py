@@ -239,6 +239,7 @@ class GanStage(Stage):
         self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
         self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
         self._features = self._real_features = None  # Lite0 net and the val faces' features, made once
+        self.train_bank: bank.Bank | None = None
 
     def state(self) -> dict:
         return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
@@ -249,7 +250,7 @@ class GanStage(Stage):
         acc = self.acc
         paths = bank.prepare(self.cfg, self.run_dir, self.voice_weights, device=acc.device, rank=acc.process_index,
                              world_size=acc.num_processes, barrier=acc.wait_for_everyone, log=acc.print)
-        train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, acc.device)
+        self.train_bank = train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, acc.device)
         position = bank.BankPosition.from_state_dict(saved) if saved is not None else bank.BankPosition(step)
         sampler = bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=acc.process_index,
                                    world_size=acc.num_processes, start_step=position.step)
@@ -300,7 +301,7 @@ class GanStage(Stage):
         if not self.cfg.data.bank.enabled:
             return self.fixed_val_batch()
         val = bank.load(self.cfg, "val", bank.bank_file(self.run_dir, "val"), self.voice_weights, self.acc.device)
-        train = bank.load(self.cfg, "train", bank.bank_file(self.run_dir, "train"), self.voice_weights, self.acc.device)
+        train = self.train_bank  # loaded by `batches`, which the loop calls first: one copy in memory
         fixed = {"val_embedding": val.embedding[:, 0], "val_face": val.faces(torch.arange(len(val), device=val.device))}
         for split, b in (("train", train), ("val", val)):
             labels = torch.unique(b.label)
