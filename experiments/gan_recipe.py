@@ -8,6 +8,7 @@ import time, sys, json, csv
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 
+from avpgan.audio import crop_or_tile
 from avpgan.data.shards import load_manifest
 from avpgan.evaluate import split_samples
 from avpgan.features import LogMel
@@ -32,11 +33,6 @@ def attrs():
         for r in csv.DictReader(f):
             out[r["vggface_name"]] = dict(gender=1.0 if r["gender"]=="m" else -1.0, tone=float(r["tone"]), age=float(r["age"]))
     return out
-
-def crop(a, n, rng):
-    if len(a) >= n:
-        o = rng.integers(0, len(a)-n+1); return a[o:o+n]
-    r = np.tile(a, n//len(a)+1); return r[:n]
 
 def faces_t(u8):
     return torch.from_numpy(u8).permute(0,3,1,2).float().sub(127.5).div(127.5).contiguous()
@@ -68,7 +64,7 @@ def bank(d, k, seed):
     r = np.random.default_rng(seed); out=[]
     with torch.no_grad():
         for i in range(0, len(d["audio"]), 64):
-            x = torch.from_numpy(np.stack([crop(au, n, r) for au in d["audio"][i:i+64] for _ in range(k)]))
+            x = torch.from_numpy(np.stack([crop_or_tile(au, n, r) for au in d["audio"][i:i+64] for _ in range(k)]))
             out.append(F.normalize(enc(lm(x)),dim=1).view(-1,k,64))
     return torch.cat(out)
 t0=time.time(); btr = bank(tr, 8, 0); bte = bank(te, 1, 1)[:,0]; print("bank", time.time()-t0, flush=True)
