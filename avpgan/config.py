@@ -100,6 +100,7 @@ class GeneratorConfig:
     batch_norm: bool = False  # BatchNorm2d before each hidden ReLU
     tanh: bool = False  # bound the output to [-1, 1] like the real faces
     init: str = "default"  # default (PyTorch's) | dcgan (N(0, 0.02) weights, zero biases)
+    upsample: str = "transposed"  # transposed (4x4 stride-2 transposed convs) | resize (nearest x2 + 3x3 conv)
 
 
 @dataclass
@@ -170,6 +171,23 @@ class StageConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
 
 
+AUGMENT_OPS = ("color", "translation", "cutout")  # avpgan/models/augment.py's ops
+
+
+@dataclass
+class GanStageConfig(StageConfig):
+    """The GAN stage also chooses what D sees."""
+
+    # DiffAugment ops applied to real and generated faces before D and C (docs/gan_recipe.md):
+    # with a few hundred faces D memorises them without; the paper uses none.
+    augment: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.augment if op not in AUGMENT_OPS]
+        if unknown:
+            raise ConfigError(f"train.gan.augment: unknown op(s) {unknown}; valid: {list(AUGMENT_OPS)}")
+
+
 @dataclass
 class TrainConfig:
     stages: list[str] = field(default_factory=lambda: ["voice", "embedder", "gan", "prior", "restore"])
@@ -189,7 +207,7 @@ class TrainConfig:
     prior_weights: str = ""
     voice: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-3, betas=[0.9, 0.999]))
     embedder: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=128, lr=1e-3, betas=[0.9, 0.999]))
-    gan: StageConfig = field(default_factory=lambda: StageConfig(steps=50000, batch_size=128, lr=2e-4, betas=[0.5, 0.999]))
+    gan: GanStageConfig = field(default_factory=lambda: GanStageConfig(steps=50000, batch_size=128, lr=2e-4, betas=[0.5, 0.999]))
     prior: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
     restore: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
 

@@ -25,6 +25,12 @@ identity with many utterances does not outweigh one with few:
                     SynthVox only: the same kind of probe on 16 x 16 pixels instead of
                     embeddings; it does not depend on the face embedder, so it tells whether
                     generated faces carry gender and skin tone even when the embedder is poor
+    attributes_lite0
+                    SynthVox only: the same kind of probe on the EfficientNet-Lite0 features
+                    of the distribution metric (lambda by cross-validation over train
+                    identities): an ImageNet network sees hair, beards and face shape that
+                    16 x 16 pixels blur away and that a small face embedder trained here may
+                    not encode
     distribution    fd_lite0 / kid_lite0 (avpgan.image_stats): all generated faces against all
                     real faces of the split, both at the generated size, in EfficientNet-Lite0
                     feature space (not comparable with Inception-v3 FID/KID)
@@ -67,6 +73,7 @@ CI_LEVEL = 0.95
 CI_METHOD = "Student t over identities (n - 1 degrees of freedom)"
 RECALL_KS = (1, 5, 10)
 PROBE_ATTRIBUTES = {"gender": "accuracy", "age": "pearson_r", "size": "pearson_r", "tone": "pearson_r"}
+LITE0_PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # the Lite0 probe's lambda is chosen from these
 # 16 x 16: coarse enough that 64 px generated and 128 px real faces land on the same grid and
 # 768 inputs stay learnable from a few hundred train faces, fine enough for hair, beard and skin.
 PIXEL_PROBE_SIZE = 16
@@ -488,20 +495,61 @@ def fit_probes(train: list[dict], attributes: dict[str, dict], lam: float) -> di
     return _fit_attributes(unit(x), truth, lam) if x is not None else {}
 
 
-def fit_pixel_probes(train: list[dict], attributes: dict[str, dict], lam: float) -> dict:
-    """Ridge probes on the train faces' pixel vectors (records' `real_pixels`), in the same
-    {attribute: (w, b)} form as `fit_probes`, so `probe_scores` applies them to raw pixel vectors.
-
-    The pixels are standardised with the train mean and std before the fit, so that one lambda
-    penalises every pixel alike whatever its contrast; the standardisation is then folded into
-    w and b rather than carried alongside.
-    """
-    x, truth = _train_set(train, "real_pixels", attributes)
-    if x is None:
-        return {}
+def _fit_standardised(x: np.ndarray, truth: list[dict], lam: float) -> dict:
+    """Probes on x standardised with its own mean and std, so that one lambda penalises every
+    input alike whatever its scale; the standardisation is folded into w and b rather than
+    carried alongside, so `probe_scores` applies them to raw vectors."""
     mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
     return {attr: (w / std, b - float(mean @ (w / std)))
             for attr, (w, b) in _fit_attributes((x - mean) / std, truth, lam).items()}
+
+
+def fit_pixel_probes(train: list[dict], attributes: dict[str, dict], lam: float) -> dict:
+    """Ridge probes on the train faces' pixel vectors (records' `real_pixels`), in the same
+    {attribute: (w, b)} form as `fit_probes`."""
+    x, truth = _train_set(train, "real_pixels", attributes)
+    return _fit_standardised(x, truth, lam) if x is not None else {}
+
+
+def choose_ridge(x: np.ndarray, truth: list[dict], groups: list[str], lams=LITE0_PROBE_RIDGES, folds: int = 5) -> float:
+    """The lambda with the least held-out squared error over all attributes (each scaled by its
+    variance), in `folds`-fold cross-validation that holds out whole identities: the probe is
+    judged on people it never saw, as it is on the test split, and never looks at that split."""
+    names = sorted(set(groups))
+    fold_of = {n: i % folds for i, n in enumerate(names)}
+    fold = np.array([fold_of[g] for g in groups])
+    ys = {a: np.array([t[a] for t in truth]) for a in PROBE_ATTRIBUTES}
+    ys = {a: (y - y.mean()) / y.std() for a, y in ys.items() if y.std() > 0}
+    errors = []
+    for lam in lams:
+        err = 0.0
+        for k in range(folds):
+            train, held = fold != k, fold == k
+            if not held.any() or not train.any():
+                continue
+            probes = _fit_standardised(x[train], [dict(zip(ys, v)) for v in zip(*(y[train] for y in ys.values()))], lam)
+            for a, (w, b) in probes.items():
+                err += float(np.sum((x[held] @ w + b - ys[a][held]) ** 2))
+        errors.append(err)
+    return float(lams[int(np.argmin(errors))])
+
+
+def fit_lite0_probes(train: list[dict], attributes: dict[str, dict], size: int) -> tuple[dict, float | None]:
+    """Ridge probes on the train faces' EfficientNet-Lite0 features at `size` px, lambda chosen
+    by `choose_ridge`: ImageNet features see hair, beards and face shape that 16 x 16 pixels
+    blur away, and they come from a network this project never trains, so no model here can
+    have learned to please them."""
+    x, truth, groups = [], [], []
+    for r in train:
+        if size in r["real_lite0"] and r["name"] in attributes:
+            x.append(r["real_lite0"][size])
+            truth += [attributes[r["name"]]] * len(r["real_lite0"][size])
+            groups += [r["name"]] * len(r["real_lite0"][size])
+    if not x:
+        return {}, None
+    x = np.concatenate(x).astype(np.float64)
+    lam = choose_ridge(x, truth, groups)
+    return _fit_standardised(x, truth, lam), lam
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,7 +571,8 @@ def _features(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _summarise(records: list[dict], train: list[dict], seconds_keys: list[str], sizes: dict[str, int],
-               group_size: int, seed: int, probes: dict, pixel_probes: dict, attributes: dict | None) -> dict:
+               group_size: int, seed: int, probes: dict, pixel_probes: dict, lite0_probes: dict[int, dict],
+               attributes: dict | None) -> dict:
     usable = [r for r in records if r["real"] is not None and r["gen"]]
     real = [r["real"] for r in usable]
     same, different = real_pair_cosines(real) if real else ([], [])
@@ -554,7 +603,9 @@ def _summarise(records: list[dict], train: list[dict], seconds_keys: list[str], 
                 },
             }
             for key, p, vectors in (("attributes", probes, [unit(g) for g in gen]),
-                                    ("attributes_pixels", pixel_probes, [r["gen_pixels"][s][variant] for r in usable])):
+                                    ("attributes_pixels", pixel_probes, [r["gen_pixels"][s][variant] for r in usable]),
+                                    ("attributes_lite0", lite0_probes.get(sizes[variant], {}),
+                                     [r["gen_lite0"][s][variant] for r in usable])):
                 scores = _attribute_scores(p, vectors, truth_real)
                 if scores is not None:
                     entry[key] = scores
@@ -564,6 +615,10 @@ def _summarise(records: list[dict], train: list[dict], seconds_keys: list[str], 
         scores = _attribute_scores(p, vectors, truth_real)
         if scores is not None:
             out[key] = scores
+    for size, p in sorted(lite0_probes.items()):
+        scores = _attribute_scores(p, [r["real_lite0"][size] for r in usable], truth_real)
+        if scores is not None:
+            out.setdefault("attributes_lite0_real_reference", {})[str(size)] = scores
     out["distribution_real_reference"] = {}
     for size in sorted(set(sizes.values())):
         d = feature_distances(_features([r["real_lite0"][size] for r in usable]),
@@ -652,6 +707,9 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     errors = [e for g in gathered for e in g["errors"]]
     probes = fit_probes(train_records, truth, probe_ridge) if truth else {}
     pixel_probes = fit_pixel_probes(train_records, truth, pixel_probe_ridge) if truth else {}
+    lite0_probes, lite0_ridges = {}, {}
+    for size in real_sizes if truth else ():
+        lite0_probes[size], lite0_ridges[size] = fit_lite0_probes(train_records, truth, size)
 
     results = {
         "model": str(model.resolve()),
@@ -678,7 +736,8 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         "processes": state.num_processes,
         "corrupt_samples": len(errors),  # broken tar members and undecodable samples, skipped
         "read_errors": errors[:20],
-        **_summarise(records, train_records, list(lengths), sizes, group_size, seed, probes, pixel_probes, truth),
+        **_summarise(records, train_records, list(lengths), sizes, group_size, seed, probes, pixel_probes,
+                     lite0_probes, truth),
     }
     if truth is not None:
         results["attribute_probe"] = {
@@ -693,6 +752,13 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
                      "RGB pixels (antialiased resize), standardised with the train mean and std; no face embedder",
             "trained_on": results["attribute_probe"]["trained_on"],
             "attributes": {a: PROBE_ATTRIBUTES[a] for a in pixel_probes},
+        }
+        results["lite0_probe"] = {
+            "model": "ridge regression on EfficientNet-Lite0 features (the distribution metric's), standardised "
+                     "with the train mean and std; one probe per face size; lambda chosen by 5-fold "
+                     f"cross-validation over train identities from {list(LITE0_PROBE_RIDGES)}",
+            "lambda": {str(k): v for k, v in lite0_ridges.items()},
+            "trained_on": results["attribute_probe"]["trained_on"],
         }
     results = _json_safe(results)
     if out is not None:
@@ -743,6 +809,8 @@ def metrics_for_mlflow(results: dict) -> dict[str, float]:
                 out[f"{pre}probe_{a}_{tail}"] = v
             for a, v in r.get("attributes_pixels", {}).items():
                 out[f"{pre}pixprobe_{a}_{tail}"] = v
+            for a, v in r.get("attributes_lite0", {}).items():
+                out[f"{pre}lite0probe_{a}_{tail}"] = v
             out[f"{pre}fd_lite0_{tail}"] = r["distribution"]["fd_lite0"]
             out[f"{pre}kid_lite0_{tail}"] = r["distribution"]["kid_lite0"]
     rr = results["real_vs_real"]
@@ -837,6 +905,13 @@ def table(results: dict) -> list[str]:
             for s, variants in results["results"].items():
                 for variant, r in variants.items():
                     lines.append(f"{s:>5s} {variant:9s} {_fmt_attr(r.get(key, {}))}")
+    if "attributes_lite0_real_reference" in results:
+        lines.append("attribute probe on EfficientNet-Lite0 features (gender: accuracy; others: Pearson r):")
+        for size, ref in results["attributes_lite0_real_reference"].items():
+            lines.append(f"      real faces at {size} px: {_fmt_attr(ref)}")
+        for s, variants in results["results"].items():
+            for variant, r in variants.items():
+                lines.append(f"{s:>5s} {variant:9s} {_fmt_attr(r.get('attributes_lite0', {}))}")
     if results["corrupt_samples"]:
         lines.append(f"skipped {results['corrupt_samples']} corrupt samples or broken shard members "
                      f"(first: {results['read_errors'][0]})")

@@ -52,6 +52,7 @@ ap.add_argument("--enc", default="data/demo/run/voice/model.safetensors", help="
 ap.add_argument("--gch", default="[128,64,32,16,8]"); ap.add_argument("--dch", default="[8,16,32,64,64]")
 ap.add_argument("--bn", type=int, default=1); ap.add_argument("--tanh", type=int, default=1); ap.add_argument("--init", default="dcgan"); ap.add_argument("--dinit", default="default")
 ap.add_argument("--sn", type=int, default=0); ap.add_argument("--dsn", type=int, default=0); ap.add_argument("--cbam", type=int, default=0); ap.add_argument("--lr", type=float, default=2e-4); ap.add_argument("--glr", type=float, default=0)
+ap.add_argument("--aug", default="", help="DiffAugment ops before D, e.g. color,translation,cutout"); ap.add_argument("--ema", type=float, default=0.999); ap.add_argument("--up", default="transposed"); ap.add_argument("--r1", type=float, default=0.0)
 ap.add_argument("--secs", type=float, default=4.0); ap.add_argument("--tag", default="x"); ap.add_argument("--every", type=int, default=250); ap.add_argument("--cw", type=float, default=1.0)
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
@@ -73,28 +74,38 @@ ids = int(ltr.max())+1
 by_id = [torch.nonzero(ltr==l).flatten() for l in range(ids)]
 torch.manual_seed(0)
 gch, dch = json.loads(a.gch), json.loads(a.dch)
-G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init)
+G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init, upsample=a.up)
 D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn), cbam=bool(a.cbam), cbam_reduction=4, init=a.dinit)
 from avpgan.train.ema import EMA
-ema = EMA(G, 0.999)
+ema = EMA(G, a.ema)
+from avpgan.models.augment import diff_augment
+policy = [o for o in a.aug.split(',') if o]
+T = lambda x: diff_augment(x, policy)
 og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam(D.parameters(), lr=a.lr, betas=(0.5,0.999))
 # pixel probes fitted on real train faces
 ptr = pix(ftr); yg = np.array([A[nm]["gender"] for nm in tr["names"]]); yt = np.array([A[nm]["tone"] for nm in tr["names"]])
 pg, pt = ridge(ptr, yg, 10.0), ridge(ptr, yt, 10.0)
 ygte = np.array([A[nm]["gender"] for nm in te["names"]]); ytte = np.array([A[nm]["tone"] for nm in te["names"]])
+from avpgan.image_stats import FaceFeatures
+lite0 = FaceFeatures("cpu")
+ltr0 = lite0(ftr); mu0, sd0 = ltr0.mean(0), ltr0.std(0) + 1e-6
+lg_, lt_ = ridge((ltr0 - mu0) / sd0, yg, 1000.0), ridge((ltr0 - mu0) / sd0, yt, 1000.0)
+lp = lambda f: (lite0(f) - mu0) / sd0
+l0 = lp(fte); print("real test, Lite0 probe: gender", np.mean(np.sign(lg_(l0)) == ygte), "tone r", np.corrcoef(lt_(l0), ytte)[0, 1])
 pte = pix(fte); print("real test: gender", np.mean(np.sign(pg(pte))==ygte), "tone r", np.corrcoef(pt(pte), ytte)[0,1])
 # fixed grid: 8 train ids, 8 test ids
 gtr_i = torch.tensor([by_id[l][0].item() for l in range(0, ids, ids//8)][:8]); gte_i = torch.arange(0, len(te["audio"]), len(te["audio"])//8)[:8]
-def evaluate(net, s):
-    net.eval()
+def evaluate(net, s, mode="eval"):
+    net.train(mode == "train")
     with torch.no_grad():
         fake = net(bte).clamp(-1,1); ftrain = net(btr[gtr_i,0]).clamp(-1,1)
     net.train()
     p = pix(fake); gacc = np.mean(np.sign(pg(p))==ygte); tr_ = np.corrcoef(pt(p), ytte)[0,1]
     spread = fake.std(0).mean().item() / fte.std(0).mean().item()
+    l = lp(fake); lgacc = np.mean(np.sign(lg_(l)) == ygte); ltr = np.corrcoef(lt_(l), ytte)[0, 1]
     grid = make_grid([ftr[gtr_i], ftrain, fte[gte_i], fake[gte_i]], nrow=8)
     save_png(grid, EXP / f"grid_{a.tag}_{s:05d}.png")
-    return f"gender {gacc:.2f} tone r {tr_:.2f} spread {spread:.2f}"
+    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}"
 t0=time.time()
 for s in range(1, a.steps+1):
     i = torch.randint(0, len(btr), (a.batch,)); k = torch.randint(0, 8, (a.batch,))
@@ -102,12 +113,16 @@ for s in range(1, a.steps+1):
     fi = torch.stack([by_id[l][torch.randint(0, len(by_id[l]), (1,))].squeeze() for l in lab.tolist()])
     face = ftr[fi]; flip = torch.rand(a.batch) < 0.5; face = torch.where(flip[:,None,None,None], face.flip(3), face)
     fake = G(emb)
-    logit, idl = D(torch.cat([face, fake.detach()]))
+    real_in = T(face).requires_grad_(a.r1 > 0)
+    logit, idl = D(torch.cat([real_in, T(fake.detach())]))
     ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+    if a.r1 > 0:
+        g, = torch.autograd.grad(logit[:a.batch].sum(), real_in, create_graph=True)
+        ld = ld + 0.5 * a.r1 * g.square().flatten(1).sum(1).mean()
     od.zero_grad(); (ld+lc).backward(); od.step()
-    fl, fid = D(fake)
+    fl, fid = D(T(fake))
     lg = F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
     og.zero_grad(); lg.backward(); og.step(); D.zero_grad(set_to_none=True)
     ema.update(G)
     if s % a.every == 0 or s == a.steps:
-        print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| EMA:", evaluate(ema.module, s+1), flush=True)
+        print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| G(train BN):", evaluate(__import__("copy").deepcopy(G), s+2, "train"), "| EMA:", evaluate(ema.module, s+1), flush=True)

@@ -116,3 +116,32 @@ def test_pixel_probe_recovers_a_planted_attribute_and_not_shuffled_labels():
     shuffled = {f"id{i}": attrs[f"id{order[i]}"] for i in range(n_train)}
     scores = ev.probe_scores(ev.fit_pixel_probes(train, shuffled, lam=10.0), pixels[n_train:], test_truth)
     assert abs(scores["tone"]) < 0.25
+
+
+def test_lite0_probe_picks_ridge_by_held_out_identities_and_recovers_gender():
+    """Features where gender is one noisy direction among many: the probe fitted through
+    `fit_lite0_probes` recovers it on new identities, and the cross-validated lambda is a
+    strong one, since the other directions are pure noise."""
+    rng = np.random.default_rng(5)
+    dim, per_id = 200, 3
+    direction = rng.normal(size=dim)
+
+    def people(n, offset):
+        out, attrs = [], {}
+        for i in range(n):
+            g = float(rng.choice([-1.0, 1.0]))
+            attrs[f"id{offset + i}"] = {"gender": g, "age": float(rng.uniform(20, 70)),
+                                        "size": float(rng.normal()), "tone": float(rng.uniform())}
+            feats = 0.5 * g * direction + rng.normal(scale=3.0, size=(per_id, dim))
+            out.append({"name": f"id{offset + i}", "real_lite0": {64: feats.astype(np.float32)}})
+        return out, attrs
+
+    train, attrs = people(150, 0)
+    test, test_attrs = people(60, 1000)
+    probes, lam = ev.fit_lite0_probes(train, attrs, 64)
+    assert lam in ev.LITE0_PROBE_RIDGES and lam >= 100  # 200 noisy inputs, 450 faces: shrink hard
+    x = np.concatenate([r["real_lite0"][64] for r in test])
+    truth = [test_attrs[r["name"]] for r in test for _ in range(per_id)]
+    scores = ev.probe_scores(probes, x, truth)
+    assert scores["gender"] > 0.9 and abs(scores["tone"]) < 0.3
+    assert ev.fit_lite0_probes(train, attrs, 128) == ({}, None)  # no features at that size

@@ -157,6 +157,22 @@ def test_generator_shapes_and_inputs():
     assert full(torch.randn(2, 64)).shape == (2, 3, 64, 64)
 
 
+@pytest.mark.parametrize("upsample, periodic", [("transposed", True), ("resize", False)])
+def test_resize_upsampling_draws_no_checkerboard(upsample, periodic):
+    """A spatially constant 4x4 map through two x2 upsamplers: the transposed convs give each
+    pixel of a 2x2 cell other kernel taps (a period-2 pattern), the resize-convs cannot."""
+    torch.manual_seed(0)
+    g = Generator(embed_dim=4, channels=(8, 8, 8), spectral_norm=False, cbam=False, upsample=upsample)
+    with torch.no_grad():
+        first = g.convs[0]
+        first.weight.copy_(first.weight.mean(dim=(2, 3), keepdim=True).expand_as(first.weight))
+        out = g(torch.randn(1, 4))[0, :, 4:-4, 4:-4]  # the interior, away from zero padding
+    cell = out.unfold(1, 2, 2).unfold(2, 2, 2)  # [3, h/2, w/2, 2, 2]: each 2x2 cell
+    assert (cell.std(dim=(-1, -2)).max() > 1e-4) == periodic
+    if not periodic:
+        assert torch.allclose(out, out[:, :1, :1].expand_as(out), atol=1e-5)  # constant in, constant out
+
+
 def test_discriminator_shapes_and_size_check():
     d = FaceDiscriminator(7, **SMALL_D)
     logit, ids = d(torch.randn(5, 3, 64, 64))

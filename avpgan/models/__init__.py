@@ -4,11 +4,13 @@
     CBAM                                         eq. (2)-(5) attention block (cbam.py)
     Generator, FaceDiscriminator                 the face GAN: G, and D + C on one trunk (face_gan.py)
     d_loss, c_loss, g_loss                       eq. (12)-(14) (losses.py)
+    diff_augment                                 differentiable augmentation of D's inputs (augment.py)
     build_voice_encoder, build_generator,
     build_discriminator                          config section -> module (build.py)
     convert_file, load_converted                 Voice2Face .pth -> safetensors (convert.py)
 """
 
+from avpgan.models.augment import diff_augment
 from avpgan.models.build import build_discriminator, build_generator, build_voice_encoder
 from avpgan.models.cbam import CBAM
 from avpgan.models.convert import ConversionError, convert_file, load_converted

@@ -31,6 +31,7 @@ def build_generator(cfg: GeneratorConfig) -> Generator:
         batch_norm=cfg.batch_norm,
         tanh=cfg.tanh,
         init=cfg.init,
+        upsample=cfg.upsample,
     )
 
 

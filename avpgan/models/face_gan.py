@@ -62,7 +62,10 @@ class Generator(nn.Module):
     learn in minutes on small budgets (docs/gan_recipe.md shows why each is needed there):
     `batch_norm` (BatchNorm2d before each hidden ReLU, so CBAM's ~0.25 gate scale at init does
     not compound through the layers), `tanh` (outputs bounded like the real faces) and
-    `init="dcgan"` (see `dcgan_init`).
+    `init="dcgan"` (see `dcgan_init`). `upsample="resize"` replaces each stride-2 transposed
+    conv by a nearest-neighbour x2 resize and a 3x3 conv (Odena et al. 2016): a stride-2 4x4
+    transposed conv gives the four pixels of each 2x2 cell different kernel taps, which a short
+    run leaves as a checkerboard of coloured noise; a resize-conv cannot draw one.
     """
 
     def __init__(
@@ -76,21 +79,28 @@ class Generator(nn.Module):
         batch_norm: bool = False,
         tanh: bool = False,
         init: str = "default",
+        upsample: str = "transposed",
     ):
         super().__init__()
         if len(channels) < 1:
             raise ValueError("Generator: channels must name at least one layer width")
         if init not in ("default", "dcgan"):
             raise ValueError(f"Generator: init must be 'default' or 'dcgan', got '{init}'")
+        if upsample not in ("transposed", "resize"):
+            raise ValueError(f"Generator: upsample must be 'transposed' or 'resize', got '{upsample}'")
         self.embed_dim = embed_dim
         self.out_size = 4 * 2 ** (len(channels) - 1)
         self.tanh = tanh
         convs = [nn.ConvTranspose2d(embed_dim, channels[0], 4, 1, 0)]
-        convs += [nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(channels[:-1], channels[1:])]
+        if upsample == "transposed":
+            convs += [nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(channels[:-1], channels[1:])]
+        else:
+            convs += [nn.Conv2d(a, b, 3, 1, 1) for a, b in zip(channels[:-1], channels[1:])]
         convs.append(nn.ConvTranspose2d(channels[-1], 3, 1, 1, 0))
         if spectral_norm:  # layers 2..len(channels): every upsampler, not the first or the RGB layer
             convs[1:-1] = [_sn(c) for c in convs[1:-1]]
         self.convs = nn.ModuleList(convs)
+        self.resize = upsample == "resize"
         # One norm per hidden layer; an empty list keeps the paper's state-dict layout unchanged.
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels) if batch_norm else nn.ModuleList()
         self.attention = _attention("Generator", cbam, cbam_layers, channels, cbam_reduction)
@@ -105,6 +115,8 @@ class Generator(nn.Module):
         x = embedding[:, :, None, None]
         last = len(self.convs)
         for k, conv in enumerate(self.convs, start=1):
+            if self.resize and 1 < k < last:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = conv(x)
             if k < last:
                 if self.norms:

@@ -269,16 +269,17 @@ class GanStage(Stage):
         emb = self.embed(batch, self.cfg.model.voice.noise_std)
         self.g.train()
         self.d.train()
+        augment = self.scfg.augment  # the same random transforms for real and generated faces
         with self.acc.autocast():
             fake = self.g(emb)
-            logit, id_logits = self.d(torch.cat([face, fake.detach()]))
+            logit, id_logits = self.d(models.diff_augment(torch.cat([face, fake.detach()]), augment))
             n = face.shape[0]
             loss_d, parts_d = models.d_loss(logit[:n], logit[n:])
             loss_c, parts_c = models.c_loss(id_logits[:n], label)
         ok_d = self.update(loss_d + loss_c, self.opt_d)
         d_plain = self.acc.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
         with self.acc.autocast():
-            fake_logit, fake_ids = d_plain(fake)
+            fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
             loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
         ok_g = self.update(loss_g, self.opt_g)
         d_plain.zero_grad(set_to_none=True)
