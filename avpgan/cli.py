@@ -86,12 +86,13 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from avpgan.data.bank import BankError
     from avpgan.data.stream import StreamError
+    from avpgan.train.checkpoint import CheckpointError
     from avpgan.train.loop import TrainingStopped, train
 
     cfg = config_mod.load(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
-    except (TrainingStopped, StreamError, BankError, FileNotFoundError) as e:
+    except (TrainingStopped, StreamError, BankError, FileNotFoundError, CheckpointError) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
     return 0

@@ -104,7 +104,7 @@ def train(cfg: Config, resume: str = "auto") -> Path:
                 shutdown(acc)
                 return run_dir
             global_step += steps
-    except TrainingStopped:
+    except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
         if acc.is_main_process:
             write_status(run_dir, state="failed", stage=name)
         tracker.finish(status="FAILED")
@@ -160,10 +160,15 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     stage = stage_cls(cfg, acc, run_dir)
     state = stage.state()
 
-    step, saved = 0, None
-    start = None if resume == "never" else (checkpoint.latest(ckpt_root) if resume == "auto" else Path(resume))
-    if start is not None:
+    step, saved, start = 0, None, None
+    if resume == "auto":  # the newest checkpoint that verifies; each refused one is named in the log
+        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"))
+        if found is not None:
+            start, meta, rank_state = found
+    elif resume != "never":  # a checkpoint the user named: no fallback
+        start = Path(resume)
         meta, rank_state = checkpoint.load(start, state)
+    if start is not None:
         step = int(meta["step"])
         saved = (rank_state or {}).get("stream")
 
