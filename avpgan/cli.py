@@ -117,11 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from avpgan.data.stream import StreamError
     from avpgan.train.checkpoint import CheckpointError
     from avpgan.train.loop import TrainingStopped, train
+    from avpgan.train.runlock import RunLocked
 
     cfg = config_mod.load(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
-    except (TrainingStopped, StreamError, BankError, FileNotFoundError, CheckpointError) as e:
+    except (TrainingStopped, StreamError, BankError, FileNotFoundError, CheckpointError, RunLocked) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
     return 0
