@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +203,10 @@ class PlainDataPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as e:
-            first = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
-            self.refused = (f"{self.ckpt}: entry '{fqn}' is not plain data, refusing to unpickle it "
-                            f"({first or type(e).__name__})")
+            # torch's message goes on to suggest allow-listing the global: not advice for a foreign file
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            why = f"it names {found.group(1)}" if found else type(e).__name__
+            self.refused = f"{self.ckpt}: entry '{fqn}' is not plain data, refusing to unpickle it ({why})"
             raise CheckpointError(self.refused) from None
         super().load_bytes(read_item, _as_bytes_io(obj))
 
