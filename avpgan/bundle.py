@@ -4,10 +4,16 @@ One safetensors file (no pickle: loading it cannot run code) holding the voice e
 EMA generator, the restoration model and the face embedder when the run trained them, with
 the resolved config in the file's metadata, so `generate` and `evaluate` need nothing else.
 Tensor names are prefixed by the network: `voice.`, `generator.`, `restorer.`, `embedder.`.
+
+The header also carries `sha256`, a digest of the format, config, parts and every tensor (name,
+dtype, shape, bytes). `load` recomputes it before building anything: a flipped byte anywhere in
+the tensors or the embedded config is a one-line error instead of a silently different model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +68,22 @@ def export(run_dir: Path, out: Path) -> dict[str, int]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(counts)})
+    header = {"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(counts)}
+    save_file(tensors, str(tmp), metadata={**header, "sha256": digest(header, tensors)})
     os.replace(tmp, out)
     return counts
+
+
+def digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of what a bundle means: its format, config and parts, and every tensor by name,
+    dtype, shape and bytes (independent of the file's layout, so it is checked on what was loaded)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([header.get(k, "") for k in ("format", "config", "parts")]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 @dataclass
@@ -95,8 +114,17 @@ def load(path: Path, device: str | torch.device = "cpu") -> Bundle:
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an avpgan bundle (format {meta.get('format')!r}); make one with `avpgan export`")
+    if "sha256" not in meta:
+        raise ValueError(f"{path}: bundle has no checksum (exported by an older avpgan), so it cannot be verified; "
+                         f"export it again with `avpgan export RUN --out {path}`")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a damaged header or a data section cut short
+        raise ValueError(f"{path}: damaged safetensors file ({e})".splitlines()[0]) from None
+    if digest(meta, tensors) != meta["sha256"]:
+        raise ValueError(f"{path}: contents do not match the bundle's SHA-256 (corrupted or modified); "
+                         f"export it again with `avpgan export`")
     cfg = config_mod.from_yaml_text(meta["config"], f"{path} (embedded config)")
-    tensors = load_file(str(path))
 
     def part(name: str, module: nn.Module) -> nn.Module | None:
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}

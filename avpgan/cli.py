@@ -13,6 +13,35 @@ from pathlib import Path
 from avpgan import config as config_mod
 
 
+def int_at_least(low: int):
+    """argparse type: an integer >= `low` (a batch of 0, a retrieval group of fewer than 2 cannot work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite length in seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML experiment config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.gan.steps=100")
@@ -86,12 +115,14 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from avpgan.data.bank import BankError
     from avpgan.data.stream import StreamError
+    from avpgan.train.checkpoint import CheckpointError
     from avpgan.train.loop import TrainingStopped, train
+    from avpgan.train.runlock import RunLocked
 
     cfg = config_mod.load(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
-    except (TrainingStopped, StreamError, BankError, FileNotFoundError) as e:
+    except (TrainingStopped, StreamError, BankError, FileNotFoundError, CheckpointError, RunLocked) as e:
         print(f"avpgan: {e}", file=sys.stderr)
         return 1
     return 0
@@ -208,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundle file (avpgan export) or run directory")
     p.add_argument("--shards", default=None, help="shard folder (default: the model config's data.shards)")
     p.add_argument("--split", default="test")
-    p.add_argument("--seconds", type=float, nargs="+", default=[4.0, 8.0], help="voice lengths to evaluate")
+    p.add_argument("--seconds", type=positive_float, nargs="+", default=[4.0, 8.0], help="voice lengths to evaluate")
     p.add_argument("--embedder", default="bundle",
                    help="bundle (the run's ArcFace, default) | dlib | PATH to arcface_torch IResNet-50/100 .pth")
     p.add_argument("--attributes", default=None, help="SynthVox attributes.csv: probe hidden attributes")
     p.add_argument("--out", default=None, help="results JSON file")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--group-size", type=int, default=100, help="identities per retrieval group (SF2F: 100)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--group-size", type=int_at_least(2), default=100,
+                   help="identities per retrieval group, the true one included (SF2F: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the retrieval groups")
     p.set_defaults(func=cmd_evaluate)
 
@@ -222,13 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundle file (avpgan export) or run directory")
     p.add_argument("voices", nargs="+", help="audio files (wav, flac, ogg, mp3, ...; any rate, mono or stereo)")
     p.add_argument("--out", required=True, help="output folder for the PNG faces")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--seconds", type=positive_float, default=None,
                    help="clip length (default: the model's training crop); longer files: mean over windows")
     p.add_argument("--no-restore", action="store_true", help="skip the restoration model")
     p.add_argument("--grid", action="store_true", help="also write grid.png with every face")
     p.add_argument("--real", nargs="+", default=None, metavar="IMAGE",
                    help="one picture of each speaker, in the order of the voices: shown above its generated face in grid.png")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_generate)
 
     return parser

@@ -8,11 +8,12 @@ run when some stage finally reads it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -240,6 +241,108 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
+# Values. A type can be right and the value still unusable (a batch of 0, a NaN learning rate):
+# refused here, at load time, with the valid range, instead of as a crash hours into a run.
+
+STAGE_NAMES = ("voice", "embedder", "gan", "prior", "restore")  # train/stages.py defines them
+MIXED_PRECISION = ("no", "bf16", "fp16")
+INITS = ("default", "dcgan")
+EMBEDDER_ARCHS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: _finite(v) and v >= low
+
+
+def _above(low: float) -> Callable[[Any], bool]:
+    return lambda v: _finite(v) and v > low
+
+
+def _within(low: float, high: float) -> Callable[[Any], bool]:
+    """low <= v <= high."""
+    return lambda v: _finite(v) and low <= v <= high
+
+
+def _betas(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v)
+
+
+# (key, test, the valid range as the message states it); enums are listed separately.
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.sample_rate", _within(4000, 192000), "an integer in [4000, 192000] (Hz)"),
+    ("data.crop_seconds", _above(0), "a number > 0 (seconds)"),
+    ("data.min_seconds", _at_least(0), "a number >= 0 (seconds)"),
+    ("data.vad_top_db", _above(0), "a number > 0 (dB)"),
+    ("data.samples_per_shard", _at_least(1), "an integer >= 1"),
+    ("data.shuffle_buffer", _at_least(0), "an integer >= 0"),
+    ("data.workers", _at_least(0), "an integer >= 0 (0: load in the training process)"),
+    ("features.n_mels", _at_least(1), "an integer >= 1"),
+    ("features.fmin", _at_least(0), "a number >= 0 (Hz)"),
+    ("features.win_ms", _above(0), "a number > 0 (ms)"),
+    ("features.hop_ms", _above(0), "a number > 0 (ms)"),
+    ("features.n_fft", _at_least(1), "an integer >= 1"),
+    ("features.log_floor", _above(0), "a number > 0"),
+    ("train.ema_decay", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("train.checkpoint_every", _at_least(1), "an integer >= 1 (steps)"),
+    ("train.log_every", _at_least(1), "an integer >= 1 (steps)"),
+    ("train.sample_every", _at_least(1), "an integer >= 1 (steps)"),
+    ("train.keep_last", _at_least(0), "an integer >= 0 (0 keeps every checkpoint)"),
+    ("train.max_nonfinite", _at_least(1), "an integer >= 1"),
+    ("model.restorer.r1_every", _at_least(1), "an integer >= 1 (steps)"),
+    ("tracking.system_metrics_interval_s", _above(0), "a number > 0 (seconds)"),
+    ("tracking.http_timeout_s", _at_least(1), "an integer >= 1 (seconds)"),
+    ("tracking.http_retries", _at_least(0), "an integer >= 0"),
+    ("tracking.queue_size", _at_least(1), "an integer >= 1"),
+    ("tracking.retry_max_s", _above(0), "a number > 0 (seconds)"),
+    ("tracking.start_timeout_s", _at_least(0), "a number >= 0 (seconds)"),
+    ("tracking.finish_timeout_s", _at_least(0), "a number >= 0 (seconds)"),
+] + [rule for stage in STAGE_NAMES for rule in (
+    (f"train.{stage}.steps", _at_least(0), "an integer >= 0"),
+    (f"train.{stage}.batch_size", _at_least(1), "an integer >= 1 (per process)"),
+    (f"train.{stage}.lr", _above(0), "a finite number > 0"),
+    (f"train.{stage}.betas", _betas, "two numbers in [0, 1), e.g. [0.5, 0.999]"),
+)]
+
+_CHOICES: list[tuple[str, tuple[str, ...]]] = [
+    ("train.mixed_precision", MIXED_PRECISION),
+    ("model.generator.init", INITS),
+    ("model.discriminator.init", INITS),
+    ("model.embedder.arch", EMBEDDER_ARCHS),
+]
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: "Config", source: str) -> "Config":
+    """Refuse values no run can use, naming the key, the value and the valid range."""
+    for key, ok, valid in _RULES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{source}: {key}: {value!r} is out of range; must be {valid}")
+    for key, choices in _CHOICES:
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key}: {value!r} is not a valid choice; must be one of {', '.join(choices)}")
+    for i, stage in enumerate(cfg.train.stages):
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"{source}: train.stages[{i}]: {stage!r} is not a stage; must be one of "
+                              f"{', '.join(STAGE_NAMES)}")
+    nyquist = cfg.data.sample_rate / 2
+    if not (_finite(cfg.features.fmax) and cfg.features.fmin < cfg.features.fmax <= nyquist):
+        raise ConfigError(f"{source}: features.fmax: {cfg.features.fmax!r} is out of range; must be above "
+                          f"features.fmin ({cfg.features.fmin}) and at most half of data.sample_rate ({nyquist:g})")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading.
 
 
@@ -296,7 +399,7 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
     """Build a Config from a nested dict; `source` names the file in error messages."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    return _build_named(Config, data, source)
+    return validate(_build_named(Config, data, source), source)
 
 
 def _build_named(cls: type, data: dict, source: str, prefix: str = "") -> Any:
@@ -372,7 +475,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     if overrides:
         data = apply_overrides(data, overrides)
         source = f"{source} + overrides"
-    return _build_named(Config, data, source)
+    return validate(_build_named(Config, data, source), source)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -384,7 +487,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def from_yaml_text(text: str, source: str = "<yaml>") -> Config:
-    return _build_named(Config, yaml.safe_load(text) or {}, source)
+    return validate(_build_named(Config, yaml.safe_load(text) or {}, source), source)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

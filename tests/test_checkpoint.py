@@ -114,8 +114,12 @@ def test_two_ranks_to_two_ranks_is_bit_identical(two_rank_run):
     ckpt = two_rank_run / "ckpt" / "step-0000003"
     assert [p.name for p in checkpoint.complete(two_rank_run / "ckpt")] == ["step-0000002", "step-0000003"]
     names = {p.name for p in ckpt.iterdir()}
-    assert {".metadata", "meta.json", "COMPLETE", "rank-00000.pt", "rank-00001.pt"} <= names
-    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 3, "world_size": 2}
+    assert {".metadata", "meta.json", "COMPLETE", "rank-00000.safetensors", "rank-00001.safetensors"} <= names
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    assert (marker["step"], marker["world_size"], marker["format"]) == (3, 2, "avpgan-checkpoint-2")
+    assert marker["torch"] == torch.__version__ and "avpgan" in marker
+    assert set(marker["files"]) == names - {"COMPLETE"}  # every other file, with its size and hash
+    assert marker["files"]["meta.json"]["bytes"] == (ckpt / "meta.json").stat().st_size
 
     saved = [torch.load(two_rank_run / f"snap-3-{rank}.pt", weights_only=False) for rank in (0, 1)]
     # Under DDP the ranks share parameters and optimizer states but keep their own batch-norm
@@ -187,7 +191,7 @@ def test_rotation_runs_only_after_a_complete_save(tmp_path, monkeypatch):
     assert [p.name for p in checkpoint.complete(root)] == ["step-0000003", "step-0000004"]
     assert (root / "step-0000005.tmp" / ".metadata").is_file()
     assert checkpoint.latest(root) == root / "step-0000004"
-    with pytest.raises(FileNotFoundError, match="step-0000005.tmp: incomplete checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="step-0000005.tmp: incomplete checkpoint"):
         checkpoint.load(root / "step-0000005.tmp", make_state(seed=1, world=1))
 
     monkeypatch.undo()
@@ -235,7 +239,7 @@ def test_kill_between_shards_and_marker(tmp_path):
     wait_for(flag.exists, procs, "rank 0 to block before the marker")
     tmp = root / "step-0000002.tmp"
     # Every rank's data is on disk; only the marker and the rename are missing.
-    assert {".metadata", "meta.json", "rank-00000.pt", "rank-00001.pt"} <= {p.name for p in tmp.iterdir()}
+    assert {".metadata", "meta.json", "rank-00000.safetensors", "rank-00001.safetensors"} <= {p.name for p in tmp.iterdir()}
     kill(procs)
 
     assert checkpoint.latest(root) == root / "step-0000001"  # keep_last=1, yet step 1 was not rotated away
@@ -269,7 +273,7 @@ def test_kill_at_random_times_never_leaves_an_invalid_checkpoint(tmp_path):
         found = checkpoint.complete(root)
         assert 1 <= len(found) <= 3, found  # 3: killed after publishing, before rotation
         for ckpt in found:
-            assert {"rank-00000.pt", "rank-00001.pt"} <= {p.name for p in ckpt.iterdir()}
+            assert {"rank-00000.safetensors", "rank-00001.safetensors"} <= {p.name for p in ckpt.iterdir()}
             check_valid(ckpt)
         unfinished = [p for p in root.iterdir() if p not in found]
         assert all(p.name.endswith(".tmp") for p in unfinished), unfinished

@@ -7,10 +7,11 @@ A stage's checkpoints live in `ROOT = RUN/<stage>/checkpoints/`::
     ROOT/step-0001000/
         .metadata          DCP's index of every tensor and object below (written by rank 0)
         __0_0.distcp ...   DCP data files, one per writing rank (`torch.distributed.checkpoint`)
-        rank-00000.pt      rank 0's private state: RNG states, data-stream position (one per rank)
-        rank-00001.pt      ...
+        rank-00000.safetensors  rank 0's private state: data-stream position, RNG states (one per
+        rank-00001.safetensors  rank): tensors as tensors, everything else as JSON in the header
         meta.json          step, samples seen, world size, MLflow run id, resolved config, stage
-        COMPLETE           written last: {"step": ..., "world_size": ...}; its presence = valid
+        COMPLETE           written last (JSON): step, world size, torch and avpgan versions, and the
+                           size and SHA-256 of every other file; its presence = complete
     ROOT/step-0002000/
     ROOT/step-0003000.tmp/ a save in progress, or the leftovers of one that crashed
 
@@ -35,6 +36,15 @@ Why a save cannot be mistaken for a finished one
 3. rank 0 writes `COMPLETE`, fsyncs it and the folder, renames the folder to `step-NNNNNNN`
    and fsyncs `ROOT`; only then are checkpoints beyond the newest `keep_last` removed.
 
+Why a damaged or foreign checkpoint is not loaded
+-------------------------------------------------
+`load` first checks every file against the sizes and SHA-256 hashes in `COMPLETE` (files split
+between the ranks, verdict shared), and refuses unlisted files, before anything is parsed; the
+error is one line naming the checkpoint, the file and the problem (`CheckpointError`). Then only
+DCP's own pickles remain, read through allow-lists (`integrity.py`): `.metadata` builds DCP's
+metadata classes only, non-tensor entries load as plain data only. The rank files and meta.json
+are not pickles at all. The training loop falls back to the newest checkpoint that verifies.
+
 A kill at any moment therefore leaves either a `.tmp` folder (ignored by `latest()` and removed
 by the next save) or a complete checkpoint; older checkpoints are never removed before the new
 one is complete. Rotation keeps the checkpoint just written plus the newest `keep_last - 1`
@@ -58,7 +68,6 @@ the caller re-seeds its RNGs and restarts the data stream from the new split, an
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -66,11 +75,15 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -78,7 +91,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-MARKER = "COMPLETE"
+from avpgan.train import integrity
+from avpgan.train.integrity import MARKER, CheckpointError
+
 META = "meta.json"
 _STEP_DIR = re.compile(r"step-(\d{7,})")
 
@@ -98,6 +113,16 @@ def complete(root: Path) -> list[Path]:
         if m and (p / MARKER).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def published(root: Path) -> list[Path]:
+    """Every `step-NNNNNNN` folder under `root` (with or without a marker; no `.tmp`), newest first:
+    what a resume considers, so that one that lost its marker is reported rather than ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest(root: Path) -> Path | None:
@@ -180,20 +205,61 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _rank_file(ckpt: Path, rank: int) -> Path:
-    return ckpt / f"rank-{rank:05d}.pt"
+    return ckpt / f"rank-{rank:05d}.safetensors"
+
+
+RANK_FORMAT = "avpgan-rank-state-1"
+_TENSOR = "__tensor__"  # {"__tensor__": "t3"} in the JSON stands for tensor t3 of the file
 
 
 def _encode_rank_state(rank_state: dict) -> bytes:
-    """torch.save bytes that `torch.load(weights_only=True)` accepts; checked now, not at resume time."""
-    buf = io.BytesIO()
-    torch.save(rank_state, buf)
-    data = buf.getvalue()
+    """safetensors bytes: the tensors, and the rest as JSON in the header, so that reading a rank
+    file can never run code (no pickle). Refuses anything else now, not at resume time."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, where: str) -> Any:
+        if torch.is_tensor(x):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous().clone()
+            return {_TENSOR: key}
+        if isinstance(x, dict):
+            bad = [k for k in x if not isinstance(k, str) or k == _TENSOR]
+            if bad:
+                raise TypeError(f"checkpoint rank_state: key {bad[0]!r} at {where} (keys must be strings)")
+            return {k: walk(v, f"{where}.{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"checkpoint rank_state must hold only JSON-like values (dict, list, tuple, str, numbers, "
+                        f"None) and torch tensors (convert numpy arrays): {where} is a {type(x).__name__}")
+
+    skeleton = walk(rank_state, "rank_state")
+    return safetensors.torch.save(tensors, metadata={"format": RANK_FORMAT, "state": json.dumps(skeleton)})
+
+
+def _decode_rank_state(path: Path) -> dict:
+    """The inverse of `_encode_rank_state`; a one-line CheckpointError for a file that is not one."""
     try:
-        torch.load(io.BytesIO(data), weights_only=True)
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if header.get("format") != RANK_FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {RANK_FORMAT}")
+        skeleton = json.loads(header["state"])
     except Exception as e:
-        raise TypeError("checkpoint rank_state must hold only JSON-like values (dict, list, tuple, str, numbers, "
-                        f"None) and torch tensors (convert numpy arrays): {e}") from e
-    return data
+        raise CheckpointError(f"{path}: not a rank state file ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+    def build(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {_TENSOR}:
+                return tensors[x[_TENSOR]]
+            return {k: build(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [build(v) for v in x]
+        return x
+
+    return build(skeleton)
 
 
 def _remove(path: Path) -> None:
@@ -209,11 +275,11 @@ def _clean_stale(root: Path) -> None:
 
 
 def _publish(tmp: Path, final: Path, step: int, world: int) -> None:
-    """Rank 0, once every rank's files are on disk: marker, fsync, rename."""
+    """Rank 0, once every rank's files are on disk: marker (with every file's size and hash), fsync, rename."""
     for f in tmp.iterdir():
         if f.is_file():
             _fsync_path(f)
-    _write_synced(tmp / MARKER, json.dumps({"step": step, "world_size": world}).encode())
+    _write_synced(tmp / MARKER, json.dumps(integrity.make_marker(tmp, step, world), indent=1).encode())
     _fsync_path(tmp)
     if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
         old = final.with_name(final.name + ".replaced.tmp")
@@ -293,8 +359,49 @@ def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, m
     return final
 
 
+def _agree(mine: Any, world: int) -> list[Any]:
+    """Every rank's value of `mine` (collective when distributed)."""
+    if world == 1:
+        return [mine]
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, mine)
+    return seen
+
+
+def verify(path: Path) -> dict:
+    """Check every file of checkpoint `path` against its marker (collective; the ranks share the
+    reading) and return the marker; raises the same one-line CheckpointError on every rank."""
+    path = Path(path)
+    rank, world = _rank_world()
+    try:
+        marker, error = integrity.read_marker(path), None
+    except CheckpointError as e:
+        marker, error = None, str(e)
+    seen = _agree((path.name, marker, error), world)
+    errors = [e for _, _, e in seen if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    if len({json.dumps(s[:2], sort_keys=True) for s in seen}) > 1:  # a stale view of a shared file system
+        raise RuntimeError(f"{path}: ranks disagree on the checkpoint to load: {[s[0] for s in seen]}")
+    problems = [p for p in _agree(integrity.verify_files(path, marker, rank, world), world) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return marker
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / META}: unreadable ({type(e).__name__}: {e})") from None
+
+
 def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     """Restore `state` in place from a complete checkpoint (collective); returns (meta, rank_state).
+
+    Every file is verified against the marker before anything is parsed (`verify`), and DCP's
+    pickles are read through allow-lists: a damaged, incomplete or crafted checkpoint raises a
+    one-line `CheckpointError` and runs no code from the files.
 
     rank_state is None when the checkpoint was written by a different number of ranks or this
     rank's file is missing: the caller must then re-seed and restart its data stream.
@@ -302,19 +409,12 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path}: incomplete checkpoint (no {MARKER} marker; its save was interrupted). "
-                                f"Use latest() on its parent to find the newest complete one")
     rank, world = _rank_world()
-    marker = json.loads((path / MARKER).read_text())
-    if world > 1:  # every rank must read the same checkpoint; a stale view of a shared file system would not
-        seen = [None] * world
-        dist.all_gather_object(seen, (path.name, marker))
-        if len({json.dumps(s) for s in seen}) > 1:
-            raise RuntimeError(f"{path}: ranks disagree on the checkpoint to load: {seen}")
-    meta = json.loads((path / META).read_text())
+    marker = verify(path)
+    meta = _read_meta(path)
 
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    reader = integrity.VerifiedReader(path, marker)
+    saved = reader.read_metadata().state_dict_metadata
     missing = [n for n in state if not any(k == n or k.startswith(n + ".") for k in saved)]
     sds = _state_dicts(state)
     missing = [n for n in missing if sds[n]]  # an empty state (a disabled GradScaler) needs nothing
@@ -322,8 +422,16 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
         names = sorted({k.split(".")[0] for k in saved})
         raise ValueError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} "
                          f"(it holds {', '.join(names)})")
-    with _quiet_single_process():
-        dcp.load(sds, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not _distributed())
+    planner = integrity.PlainDataPlanner(path)
+    try:
+        with _quiet_single_process():
+            dcp.load(sds, storage_reader=reader, planner=planner, no_dist=not _distributed())
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException):  # DCP's CheckpointException is no Exception subclass
+        if planner.refused:  # DCP wraps the planner's error in a multi-line report
+            raise CheckpointError(planner.refused) from None
+        raise
 
     modules = _modules(state)
     for name, obj in state.items():
@@ -337,5 +445,32 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     rank_file = _rank_file(path, rank)
     rank_state = None
     if marker["world_size"] == world and rank_file.is_file():
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_state = _decode_rank_state(rank_file)
     return meta, rank_state
+
+
+def load_newest(root: Path, state: dict[str, object],
+                say: Callable[[str], None] = print) -> tuple[Path, dict, dict | None] | None:
+    """Resume from the newest checkpoint under `root` that verifies (collective).
+
+    A checkpoint that fails verification is skipped with a line through `say` naming it and
+    why, and the next older one is tried. Returns (path, meta, rank_state), or None when `root`
+    holds no checkpoint at all; raises CheckpointError when there are some but none verifies,
+    since silently starting over would throw away the run.
+    """
+    candidates = published(root)
+    refused: list[str] = []
+    for ckpt in candidates:
+        try:
+            meta, rank_state = load(ckpt, state)
+        except CheckpointError as e:
+            refused.append(str(e))
+            say(f"checkpoint {ckpt.name} cannot be used: {e}; trying the next older one")
+            continue
+        if refused:
+            say(f"falling back to {ckpt}: the newest checkpoint that verifies ({len(refused)} newer one(s) refused)")
+        return ckpt, meta, rank_state
+    if refused:
+        raise CheckpointError(f"{root}: none of the {len(candidates)} checkpoint(s) verifies (newest: {refused[0]}); "
+                              f"move them away, or start over with --resume never")
+    return None

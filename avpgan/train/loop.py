@@ -31,6 +31,7 @@ from avpgan import bundle
 from avpgan import config as config_mod
 from avpgan.config import Config
 from avpgan.train import checkpoint, preempt
+from avpgan.train.runlock import RunLock, RunLocked
 from avpgan.train.stages import STAGES, Stage
 from avpgan.train.tracking import Tracker
 
@@ -78,6 +79,38 @@ def train(cfg: Config, resume: str = "auto") -> Path:
             raise config_mod.ConfigError(f"train.stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
     run_dir = Path(cfg.train.run_dir)
     acc = make_accelerator(cfg)
+    lock = hold_run_lock(acc, run_dir)
+    try:
+        return _train(cfg, resume, acc, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def hold_run_lock(acc: Accelerator, run_dir: Path) -> RunLock | None:
+    """The main process locks the run directory before writing anything there; every rank raises
+    RunLocked when another training holds it (so no rank waits for a peer that gave up)."""
+    lock, refused = None, None
+    if acc.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as e:
+            refused = str(e)
+    if acc.num_processes > 1:
+        box = [refused]
+        broadcast_object_list(box, from_process=0)
+        refused = box[0]
+    if refused:
+        raise RunLocked(refused)
+    if lock is not None:
+        for note in (lock.warning, lock.takeover_note()):
+            if note:
+                acc.print(note)
+    return lock
+
+
+def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
+    """`train` once the run directory is locked."""
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
@@ -104,7 +137,7 @@ def train(cfg: Config, resume: str = "auto") -> Path:
                 shutdown(acc)
                 return run_dir
             global_step += steps
-    except TrainingStopped:
+    except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
         if acc.is_main_process:
             write_status(run_dir, state="failed", stage=name)
         tracker.finish(status="FAILED")
@@ -160,10 +193,15 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     stage = stage_cls(cfg, acc, run_dir)
     state = stage.state()
 
-    step, saved = 0, None
-    start = None if resume == "never" else (checkpoint.latest(ckpt_root) if resume == "auto" else Path(resume))
-    if start is not None:
+    step, saved, start = 0, None, None
+    if resume == "auto":  # the newest checkpoint that verifies; each refused one is named in the log
+        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"))
+        if found is not None:
+            start, meta, rank_state = found
+    elif resume != "never":  # a checkpoint the user named: no fallback
+        start = Path(resume)
         meta, rank_state = checkpoint.load(start, state)
+    if start is not None:
         step = int(meta["step"])
         saved = (rank_state or {}).get("stream")
 

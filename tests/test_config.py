@@ -1,0 +1,84 @@
+"""Values that cannot work are refused when the config loads: one line naming the key and the
+valid range, through `avpgan config show` as for every other command."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from avpgan import config as config_mod
+from avpgan.cli import main
+from conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+# override -> what the one-line error must say (after "avpgan: config error: <source>: ")
+BAD = {
+    "train.gan.batch_size=0": r"train\.gan\.batch_size: 0 is out of range; must be an integer >= 1",
+    "train.voice.batch_size=-4": r"train\.voice\.batch_size: -4 is out of range; must be an integer >= 1",
+    "train.checkpoint_every=0": r"train\.checkpoint_every: 0 is out of range; must be an integer >= 1",
+    "train.log_every=-1": r"train\.log_every: -1 is out of range; must be an integer >= 1",
+    "train.sample_every=0": r"train\.sample_every: 0 is out of range; must be an integer >= 1",
+    "train.prior.steps=-1": r"train\.prior\.steps: -1 is out of range; must be an integer >= 0",
+    "data.workers=-1": r"data\.workers: -1 is out of range; must be an integer >= 0",
+    "train.gan.lr=nan": r"train\.gan\.lr: nan is out of range; must be a finite number > 0",
+    "train.gan.lr=.inf": r"train\.gan\.lr: inf is out of range; must be a finite number > 0",
+    "train.voice.lr=0": r"train\.voice\.lr: 0\.0 is out of range; must be a finite number > 0",
+    "train.embedder.lr=-1e-3": r"train\.embedder\.lr: -0\.001 is out of range; must be a finite number > 0",
+    "train.gan.betas=[0.5,1.0]": r"train\.gan\.betas: \[0\.5, 1\.0\] is out of range; must be two numbers in \[0, 1\)",
+    "train.gan.betas=[-0.1,0.9]": r"train\.gan\.betas: \[-0\.1, 0\.9\] is out of range",
+    "train.gan.betas=[0.5]": r"train\.gan\.betas: \[0\.5\] is out of range",
+    "data.sample_rate=0": r"data\.sample_rate: 0 is out of range; must be an integer in \[4000, 192000\] \(Hz\)",
+    "data.sample_rate=16": r"data\.sample_rate: 16 is out of range",
+    "data.sample_rate=16000000": r"data\.sample_rate: 16000000 is out of range",
+    "train.mixed_precision=bf17": r"train\.mixed_precision: 'bf17' is not a valid choice; must be one of no, bf16, fp16",
+    "model.generator.init=xavier": r"model\.generator\.init: 'xavier' is not a valid choice; must be one of default, dcgan",
+    "model.embedder.arch=resnet50": r"model\.embedder\.arch: 'resnet50' is not a valid choice; must be one of iresnet18",
+    "train.stages=[voice,gna]": r"train\.stages\[1\]: 'gna' is not a stage; must be one of voice, embedder, gan, prior, restore",
+    "train.ema_decay=1.0": r"train\.ema_decay: 1\.0 is out of range; must be a number in \[0, 1\)",
+    "features.fmax=9000": r"features\.fmax: 9000\.0 is out of range; must be above features\.fmin \(20\.0\) and at most "
+                          r"half of data\.sample_rate \(8000\)",
+}
+
+
+@pytest.mark.parametrize("override", BAD)
+def test_config_show_refuses_values_that_cannot_work(override, capsys):
+    assert main(["config", "show", TINY, override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    key = override.split("=")[0]
+    assert err.startswith(f"avpgan: config error: {TINY} + overrides: {key}")
+    assert re.search(BAD[override], err), err
+
+
+def test_every_shipped_config_is_valid_and_the_rules_know_every_stage():
+    from avpgan.train.stages import STAGES
+
+    assert tuple(STAGES) == config_mod.STAGE_NAMES
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config_mod.load(path)
+    config_mod.load(None)  # the defaults too
+
+
+def test_embedded_config_of_a_bundle_is_validated():
+    text = config_mod.to_yaml(config_mod.load(None))
+    with pytest.raises(config_mod.ConfigError, match="model.bundle .embedded config.: train.mixed_precision: 'fp8'"):
+        config_mod.from_yaml_text(text.replace("mixed_precision: 'no'", "mixed_precision: fp8"),
+                                  "model.bundle (embedded config)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "m.safetensors", "v.wav", "--out", "o", "--batch-size", "0"],
+     "argument --batch-size: must be an integer >= 1, got 0"),
+    (["evaluate", "m.safetensors", "--group-size", "0"], "argument --group-size: must be an integer >= 2, got 0"),
+    (["evaluate", "m.safetensors", "--batch-size", "-3"], "argument --batch-size: must be an integer >= 1, got -3"),
+    (["evaluate", "m.safetensors", "--seconds", "4", "0"], "argument --seconds: must be a finite number > 0, got 0"),
+    (["generate", "m.safetensors", "v.wav", "--out", "o", "--seconds", "nan"],
+     "argument --seconds: must be a finite number > 0, got nan"),
+])
+def test_cli_counts_are_refused_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
