@@ -311,6 +311,7 @@ _CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("train.mixed_precision", MIXED_PRECISION),
     ("model.generator.init", INITS),
     ("model.discriminator.init", INITS),
+    ("model.generator.upsample", ("transposed", "resize")),
     ("model.embedder.arch", EMBEDDER_ARCHS),
 ]
 
