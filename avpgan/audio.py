@@ -96,18 +96,38 @@ def from_int16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / INT16_SCALE
 
 
-def crop_or_tile(audio: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+# Clips of a fixed length. Training, the embedding bank, evaluation and generation all cut voices
+# here, so a clip means the same thing in each: a window of the voiced audio when it is long
+# enough, else the audio repeated end to end (Voice2Face's treatment of short test utterances).
+
+
+def tile(audio: np.ndarray, length: int) -> np.ndarray:
+    """`audio` repeated end to end and cut at `length` samples from the start."""
+    if len(audio) == 0:
+        raise ValueError("tile: empty audio")
+    return np.tile(audio, -(-length // len(audio)))[:length]
+
+
+def crop_or_tile(audio: np.ndarray, length: int, rng: np.random.Generator | None) -> np.ndarray:
     """A clip of exactly `length` samples.
 
-    Longer utterances give a random window (the training crop); shorter ones are repeated end to
-    end until long enough, as Voice2Face's test script does, and cut at `length` from the start.
+    Longer utterances give a random window drawn from `rng` (the training crop), or the centred
+    window when `rng` is None (evaluation: the same clip every time); shorter ones are tiled.
     """
     n = len(audio)
     if n == 0:
         raise ValueError("crop_or_tile: empty audio")
-    if n > length:
-        start = int(rng.integers(0, n - length + 1))
-        return audio[start : start + length]
-    if n == length:
-        return audio
-    return np.tile(audio, -(-length // n))[:length]
+    if n <= length:  # no draw for an exact fit: the stream's later draws from `rng` stay put
+        return tile(audio, length) if n < length else audio
+    start = int(rng.integers(0, n - length + 1)) if rng is not None else (n - length) // 2
+    return audio[start : start + length]
+
+
+def windows(audio: np.ndarray, length: int) -> np.ndarray:
+    """[n, length]: as many consecutive windows as fit, centred in `audio`, or the tiled audio
+    when it is shorter than one (generate averages the embeddings of all windows of a file)."""
+    n = len(audio) // length
+    if n == 0:
+        return tile(audio, length)[None]
+    start = (len(audio) - n * length) // 2
+    return audio[start : start + n * length].reshape(n, length)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from avpgan import atomic
 from avpgan import config as config_mod
 from avpgan import models
 from avpgan.config import Config
@@ -65,12 +65,9 @@ def export(run_dir: Path, out: Path) -> dict[str, int]:
         if needed not in counts:
             raise FileNotFoundError(f"{run_dir / PARTS[needed] / 'model.safetensors'}: the run has no trained "
                                     f"'{PARTS[needed]}' stage; a bundle needs at least voice and gan")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     header = {"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(counts)}
-    save_file(tensors, str(tmp), metadata={**header, "sha256": digest(header, tensors)})
-    os.replace(tmp, out)
+    with atomic.replacing(out) as tmp:
+        save_file(tensors, str(tmp), metadata={**header, "sha256": digest(header, tensors)})
     return counts
 
 

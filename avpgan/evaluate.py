@@ -50,7 +50,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import zlib
 from collections import defaultdict
 from dataclasses import replace
@@ -62,10 +61,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avpgan import atomic
 from avpgan import bundle as bundle_mod
+from avpgan.audio import crop_or_tile
 from avpgan import config as config_mod
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
-from avpgan.generate import VoiceToFace, open_model, tile
+from avpgan.generate import VoiceToFace, open_model
 from avpgan.image_stats import KID_SUBSET_SIZE, KID_SUBSETS, FaceFeatures, feature_distances
 from avpgan.images import to_tensor
 
@@ -304,14 +305,6 @@ def load_embedder(spec: str, model: bundle_mod.Bundle, device) -> TorchEmbedder 
 # Reading the split.
 
 
-def centre_clip(audio: np.ndarray, length: int) -> np.ndarray:
-    """The centred `length`-sample window, or the audio tiled up to `length` when shorter."""
-    if len(audio) < length:
-        return tile(audio, length)
-    start = (len(audio) - length) // 2
-    return audio[start : start + length]
-
-
 def split_samples(shards: Path, manifest: dict, split: str, keep: Callable[[str], bool],
                   errors: list) -> Iterator[dict]:
     """Decoded samples of the split whose identity `keep` accepts, in shard order; broken tar
@@ -371,7 +364,7 @@ class _Embedded:
     def add_voice(self, name: str, key: str, audio: np.ndarray) -> None:
         self.utterances[name] += 1
         for s, length in self.lengths.items():
-            self.clips[s].append((name, key, centre_clip(audio, length)))
+            self.clips[s].append((name, key, crop_or_tile(audio, length, rng=None)))
             if len(self.clips[s]) >= self.batch_size:
                 self._voices(s)
 
@@ -784,10 +777,7 @@ def _json_safe(obj):
 
 
 def write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def metrics_for_mlflow(results: dict) -> dict[str, float]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from avpgan import bundle as bundle_mod
-from avpgan.audio import AudioError, read_audio, remove_silence
+from avpgan.audio import AudioError, read_audio, remove_silence, windows
 from avpgan.features import LogMel
 from avpgan.images import make_grid, read_image, resize, save_png, to_tensor, to_uint8
 from avpgan.models import voice_embedding
@@ -49,22 +49,6 @@ def open_model(path: str | Path, device: str | torch.device = "cpu") -> bundle_m
             bundle_mod.export(path, out)
             return bundle_mod.load(out, device)
     return bundle_mod.load(path, device)
-
-
-def tile(audio: np.ndarray, length: int) -> np.ndarray:
-    """Repeat end to end and cut at `length` (Voice2Face's treatment of short test utterances)."""
-    if len(audio) == 0:
-        raise ValueError("tile: empty audio")
-    return np.tile(audio, -(-length // len(audio)))[:length]
-
-
-def windows(audio: np.ndarray, length: int) -> np.ndarray:
-    """[n, length]: consecutive windows centred in `audio`, or the tiled audio when shorter."""
-    n = len(audio) // length
-    if n == 0:
-        return tile(audio, length)[None]
-    start = (len(audio) - n * length) // 2
-    return audio[start : start + n * length].reshape(n, length)
 
 
 class VoiceToFace:

@@ -9,12 +9,13 @@ images and would otherwise pay for importing torch at every start.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from avpgan import atomic
 
 if TYPE_CHECKING:
     import torch
@@ -111,8 +112,5 @@ def make_grid(batches: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.n
 
 def save_png(img: np.ndarray, path: str | Path) -> None:
     """Write a uint8 HxWx3 image; temp file then rename, so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")

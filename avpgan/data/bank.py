@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from avpgan import models
+from avpgan import atomic, models, seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import Config, flatten
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
@@ -143,10 +142,9 @@ def mismatch(path: Path, found: dict, expected: dict) -> str | None:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={HEADER: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={HEADER: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 @contextmanager
@@ -208,7 +206,7 @@ def _embed_shard(cfg: Config, url: str, first_index: int, embed: _Embedder, bar:
             skipped += 1
             continue
         for k in range(crops):
-            clips.append(crop_or_tile(sample["audio"], length, np.random.default_rng([seed, first_index + index, k])))
+            clips.append(crop_or_tile(sample["audio"], length, seeding.rng(seed, first_index + index, k)))
             if len(clips) == batch_size:
                 flush()
         faces.append(np.array(sample["face"]))  # a copy: the view would keep the whole member alive
@@ -359,10 +357,6 @@ class BankPosition:
         return cls(int(state["step"]))
 
 
-def _step_seed(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
-
-
 class BankSampler:
     """One rank's infinite batches from a bank, on the bank's device.
 
@@ -384,7 +378,7 @@ class BankSampler:
     def batch(self, step: int) -> dict:
         """The batch of `step`: the same on every call, whatever ran before."""
         dev, b = self.bank.device, self.batch_size
-        gen = torch.Generator(device=dev).manual_seed(_step_seed(self.seed, self.world_size, self.rank, step))
+        gen = torch.Generator(device=dev).manual_seed(seeding.seed64(self.seed, self.world_size, self.rank, step))
         n, k = self.bank.embedding.shape[:2]
         voice = torch.randint(0, n, (b,), generator=gen, device=dev)
         crop = torch.randint(0, k, (b,), generator=gen, device=dev)

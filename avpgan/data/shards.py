@@ -33,7 +33,6 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
 import random
 import re
 import sys
@@ -46,6 +45,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from avpgan import atomic
 from avpgan.audio import AudioError, read_audio, remove_silence, to_int16
 from avpgan.config import DataConfig
 from avpgan.data.layout import IngestError, Identity, scan
@@ -281,8 +281,7 @@ def encode_shard(job: dict) -> dict:
     skipped, converted, used_faces, per_identity = [], [], set(), Counter()
     cache: dict = {}
     seconds = 0.0
-    tmp = out / f".{job['file']}.partial"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic.replacing(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for e in job["entries"]:
             audio_path = _WORKER["voxceleb"] / e["audio"]
             try:
@@ -302,7 +301,6 @@ def encode_shard(job: dict) -> dict:
             used_faces.add(face_rel)
             per_identity[e["name"]] += 1
             seconds += pcm.size / s["sample_rate"]
-    os.replace(tmp, path)
     sidecar = {
         "file": job["file"], "plan": job["plan"], "samples": sum(per_identity.values()),
         "bytes": path.stat().st_size, "sha256": _sha256(path), "seconds": round(seconds, 3),
@@ -314,9 +312,7 @@ def encode_shard(job: dict) -> dict:
 
 
 def _write_json(path: Path, obj: dict, sort_keys: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n")
 
 
 def _finished(out: Path, job: dict) -> dict | None:
@@ -376,7 +372,7 @@ def build(voxceleb: Path, vggface: Path, meta: Path, out: Path, data: DataConfig
 def _tidy(out: Path, planned: set[str]) -> None:
     """Remove temp files of an interrupted build and shards this plan no longer has."""
     for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".partial"):
+        if p.name.startswith(".") and p.name.endswith(atomic.PARTIAL):
             p.unlink()
         elif SHARD_RE.match(p.name) and p.name.removesuffix(".done.json") not in planned:
             p.unlink()

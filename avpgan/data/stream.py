@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from avpgan import seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import DataConfig
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
@@ -71,10 +72,6 @@ class StreamPosition:
     @classmethod
     def from_state_dict(cls, state: dict) -> "StreamPosition":
         return cls(state["workers"], state["next_worker"], list(state["epoch"]), list(state["index"]))
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
 
 
 class ShardStream(IterableDataset):
@@ -158,7 +155,7 @@ class ShardStream(IterableDataset):
             self.corrupt += 1
             self.last_error = str(e)
             return None
-        rng = _rng(self.seed, epoch, stream_id, index)
+        rng = seeding.rng(self.seed, epoch, stream_id, index)
         audio = crop_or_tile(s["audio"], self.crop_samples, rng)
         face, face128 = s["face"], s.get("face128")
         if self.flip and rng.random() < 0.5:

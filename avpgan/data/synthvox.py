@@ -32,7 +32,6 @@ import csv
 import io
 import math
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -44,6 +43,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 from scipy import signal
 
+from avpgan import atomic, seeding
 from avpgan.config import DataConfig
 
 SAMPLE_RATE = 16000
@@ -151,7 +151,8 @@ def _rgb(text: str) -> np.ndarray:
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+    """Node `key` of the spawn tree under `seed` (see the _KEY_* constants)."""
+    return seeding.rng(seed, spawn_key=key)
 
 
 def draw_identity(seed: int, index: int) -> Identity:
@@ -715,14 +716,6 @@ def draw_face(ident: Identity, rng: np.random.Generator) -> Image.Image:
 # Writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers never see half a file: write a temp file beside it, then rename over."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _wav_bytes(x: np.ndarray) -> bytes:
     pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
@@ -751,7 +744,7 @@ def _make_identity(job: tuple) -> dict:
             if video is None:  # the first utterance's stream also draws its video's channel
                 video = _video_channel(_rng(seed, ident.index, _KEY_VIDEOS, u))
             x = synth_utterance(ident, rng, seconds, video)
-            _write_atomic(vdir / f"{k + 1:05d}.wav", _wav_bytes(x))
+            atomic.write_bytes(vdir / f"{k + 1:05d}.wav", _wav_bytes(x))
             audio_s += len(x) / SAMPLE_RATE
             u += 1
     t1 = time.perf_counter()
@@ -759,7 +752,7 @@ def _make_identity(job: tuple) -> dict:
     fdir.mkdir(parents=True, exist_ok=True)
     for j in range(n_faces):
         img = draw_face(ident, _rng(seed, ident.index, _KEY_FACE, j))
-        _write_atomic(fdir / f"{j + 1:08d}.jpg", _jpg_bytes(img))
+        atomic.write_bytes(fdir / f"{j + 1:08d}.jpg", _jpg_bytes(img))
     return {"utterances": n_utt, "audio_seconds": audio_s, "faces": n_faces,
             "voice_s": t1 - t0, "face_s": time.perf_counter() - t1}
 
@@ -773,14 +766,14 @@ def _write_tables(out: Path, idents: list[Identity]) -> None:
     for i in rows:
         w.writerow([i.voxceleb_id, i.vggface_name, i.gender, i.nationality,
                     "test" if i.vggface_name[0] in test_letters else "dev"])
-    _write_atomic(out / "vox1_meta.csv", buf.getvalue().encode())
+    atomic.write_bytes(out / "vox1_meta.csv", buf.getvalue().encode())
     buf = io.StringIO()
     cols = [f.name for f in fields(Identity)]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for i in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(i).items()})
-    _write_atomic(out / "attributes.csv", buf.getvalue().encode())
+    atomic.write_bytes(out / "attributes.csv", buf.getvalue().encode())
 
 
 def generate(out: Path, identities: int, utterances_per_id: int, faces_per_id: int, seed: int, workers: int,

@@ -13,7 +13,6 @@ See docs/voice2face_weights.md.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from avpgan import atomic
 from avpgan.models.face_gan import Generator
 from avpgan.models.voice import VoiceEncoder
 
@@ -155,13 +155,8 @@ def convert_file(src: str | Path, dst: str | Path, kind: str = "auto") -> str:
     except (ConversionError, RuntimeError) as e:
         raise ConversionError(f"{src}: {e}") from None
     metadata = {"format": f"avpgan.{type(module).__name__}", "kwargs": json.dumps(kwargs), "source": src.name}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
+    with atomic.replacing(dst) as tmp:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return kind
 
 

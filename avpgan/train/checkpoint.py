@@ -91,6 +91,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from avpgan import atomic
 from avpgan.train import integrity
 from avpgan.train.integrity import MARKER, CheckpointError
 
@@ -189,21 +190,6 @@ def _state_dicts(state: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _rank_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"rank-{rank:05d}.safetensors"
 
@@ -278,9 +264,9 @@ def _publish(tmp: Path, final: Path, step: int, world: int) -> None:
     """Rank 0, once every rank's files are on disk: marker (with every file's size and hash), fsync, rename."""
     for f in tmp.iterdir():
         if f.is_file():
-            _fsync_path(f)
-    _write_synced(tmp / MARKER, json.dumps(integrity.make_marker(tmp, step, world), indent=1).encode())
-    _fsync_path(tmp)
+            atomic.fsync_path(f)
+    atomic.write_synced(tmp / MARKER, json.dumps(integrity.make_marker(tmp, step, world), indent=1).encode())
+    atomic.fsync_path(tmp)
     if final.exists():  # the same step saved again (e.g. a resumed run that ends where it started)
         old = final.with_name(final.name + ".replaced.tmp")
         os.rename(final, old)
@@ -288,7 +274,7 @@ def _publish(tmp: Path, final: Path, step: int, world: int) -> None:
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_path(final.parent)
+    atomic.fsync_path(final.parent)
 
 
 def _rotate(root: Path, keep_last: int, saved: Path) -> None:
@@ -338,9 +324,9 @@ def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, m
 
     error = None
     try:
-        _write_synced(_rank_file(tmp, rank), _encode_rank_state(rank_state))
+        atomic.write_synced(_rank_file(tmp, rank), _encode_rank_state(rank_state))
         if rank == 0:
-            _write_synced(tmp / META, json.dumps(meta, indent=1).encode())
+            atomic.write_synced(tmp / META, json.dumps(meta, indent=1).encode())
     except Exception as e:  # reported to every rank below, after DCP's own collectives
         error = e
     with _quiet_single_process():

@@ -16,10 +16,8 @@ Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-from avpgan import bundle
+from avpgan import atomic, bundle, seeding
 from avpgan import config as config_mod
 from avpgan.config import Config
 from avpgan.train import checkpoint, preempt
@@ -41,8 +39,9 @@ class TrainingStopped(RuntimeError):
 
 
 def _seed_for(*key) -> int:
-    """A 32-bit seed from any tuple of ints/strings, the same in every process (no `hash()`)."""
-    return int(np.random.SeedSequence([zlib.crc32(str(k).encode()) for k in key]).generate_state(1)[0])
+    """A 32-bit seed for (seed, stage, ...). The loop's key parts enter as text (5 and "5" alike),
+    as they always have: saved runs must resume with the same numbers."""
+    return seeding.seed32(*(str(k) for k in key))
 
 
 def seed_everything(seed: int) -> None:
@@ -52,9 +51,7 @@ def seed_everything(seed: int) -> None:
 
 def write_status(run_dir: Path, **status) -> None:
     """RUN/status.json tells the batch script whether to requeue (finished | preempted | failed)."""
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, run_dir / "status.json")
+    atomic.write_text(run_dir / "status.json", json.dumps(status))
 
 
 def make_accelerator(cfg: Config) -> Accelerator:

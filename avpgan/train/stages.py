@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from avpgan import models
+from avpgan import atomic, models
 from avpgan.bundle import build_embedder, build_restorer
 from avpgan.config import Config
 from avpgan.data import bank
@@ -50,10 +50,8 @@ def read_weights(path: Path, what: str, stage: str) -> dict[str, torch.Tensor]:
 
 def write_weights(module: nn.Module, path: Path) -> None:
     """Safetensors (no pickle), written to a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
 
 
 def weights_path(cfg: Config, run_dir: Path, stage: str) -> Path:

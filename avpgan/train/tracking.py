@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from avpgan import atomic
 from avpgan.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -462,10 +463,7 @@ class Tracker:
     def _save_run_id(self) -> None:
         """RUN/mlflow_run_id, so a restart continues this run even before the first checkpoint."""
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / "mlflow_run_id.tmp"
-            tmp.write_text(self.run_id)
-            os.replace(tmp, self.run_dir / "mlflow_run_id")
+            atomic.write_text(self.run_dir / "mlflow_run_id", self.run_id)
         except OSError as e:
             log.warning("MLflow: cannot write %s/mlflow_run_id: %s", self.run_dir, e)
 
