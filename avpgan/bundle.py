@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -29,21 +30,6 @@ from avpgan.config import Config
 
 FORMAT = "avpgan-bundle-1"
 PARTS = {"voice": "voice", "generator": "gan", "restorer": "restore", "embedder": "embedder"}  # part -> stage
-
-
-def build_restorer(cfg: Config) -> nn.Module:
-    r = cfg.model.restorer
-    return models.Restorer(out_size=r.out_size, unet_channels=r.unet_channels, prior_channels=r.prior_channels,
-                           style_dim=r.style_dim, n_mlp=r.mapping_layers, noise=r.noise, freeze_prior=r.freeze_prior,
-                           rgb_outputs=r.pyramid_weight > 0)
-
-
-def build_embedder(cfg: Config) -> nn.Module:
-    e = cfg.model.embedder
-    factory = getattr(models, e.arch, None)
-    if factory is None or not e.arch.startswith("iresnet"):
-        raise ValueError(f"model.embedder.arch: unknown backbone '{e.arch}'")
-    return factory(width=e.width, embed_dim=e.embed_dim, input_size=e.input_size, dropout=e.dropout)
 
 
 def export(run_dir: Path, out: Path) -> dict[str, int]:
@@ -123,17 +109,20 @@ def load(path: Path, device: str | torch.device = "cpu") -> Bundle:
                          f"export it again with `avpgan export`")
     cfg = config_mod.from_yaml_text(meta["config"], f"{path} (embedded config)")
 
-    def part(name: str, module: nn.Module) -> nn.Module | None:
+    def part(name: str, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The part's network with its weights, or None (nothing built) when the bundle lacks it."""
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if not sd:
             return None
+        module = build()
         module.load_state_dict(sd)
         return module.eval().requires_grad_(False)
 
+    m = cfg.model
     return Bundle(
         cfg=cfg,
-        voice=part("voice", models.build_voice_encoder(cfg.model.voice)),
-        generator=part("generator", models.build_generator(cfg.model.generator)),
-        restorer=part("restorer", build_restorer(cfg)) if any(k.startswith("restorer.") for k in tensors) else None,
-        embedder=part("embedder", build_embedder(cfg)) if any(k.startswith("embedder.") for k in tensors) else None,
+        voice=part("voice", lambda: models.build_voice_encoder(m.voice)),
+        generator=part("generator", lambda: models.build_generator(m.generator)),
+        restorer=part("restorer", lambda: models.build_restorer(m.restorer)),
+        embedder=part("embedder", lambda: models.build_embedder(m.embedder)),
     ).to(device)

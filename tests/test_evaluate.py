@@ -24,7 +24,7 @@ def tiny_model(shards: Path, tmp_path_factory) -> Path:
     The restoration model is random here: these tests check plumbing and metric bookkeeping, not
     quality, and its two stages (prior, restore) are by far the slowest to train.
     """
-    from avpgan import bundle
+    from avpgan import bundle, models
     from avpgan.train.loop import train
     from avpgan.train.stages import write_weights
 
@@ -37,7 +37,7 @@ def tiny_model(shards: Path, tmp_path_factory) -> Path:
                       "train.sample_every=1000", "tracking.enabled=true", "tracking.system_metrics=false",
                       f"tracking.uri=sqlite:///{run / 'mlflow.db'}")
     torch.manual_seed(0)
-    write_weights(bundle.build_restorer(cfg), run / "restore" / "model.safetensors")
+    write_weights(models.build_restorer(cfg.model.restorer), run / "restore" / "model.safetensors")
     train(cfg)
     bundle.export(run, run / "model.safetensors")
     return run

@@ -6,12 +6,17 @@
     d_loss, c_loss, g_loss                       eq. (12)-(14) (losses.py)
     diff_augment                                 differentiable augmentation of D's inputs (augment.py)
     build_voice_encoder, build_generator,
-    build_discriminator                          config section -> module (build.py)
+    build_discriminator, build_embedder,
+    build_prior, build_restorer,
+    build_style_discriminator, build_components  config section -> module: every network (build.py)
     convert_file, load_converted                 Voice2Face .pth -> safetensors (convert.py)
 """
 
 from avpgan.models.augment import diff_augment
-from avpgan.models.build import build_discriminator, build_generator, build_voice_encoder
+from avpgan.models.build import (
+    build_components, build_discriminator, build_embedder, build_generator, build_prior, build_restorer,
+    build_style_discriminator, build_voice_encoder,
+)
 from avpgan.models.cbam import CBAM
 from avpgan.models.convert import ConversionError, convert_file, load_converted
 from avpgan.models.face_gan import FaceDiscriminator, Generator

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from avpgan.models import arcface
 from avpgan.models.face_gan import FaceDiscriminator, Generator
+from avpgan.models.restore import FacialComponents, Restorer, StyleDiscriminator, StyleGAN2Prior
 from avpgan.models.voice import VoiceEncoder
 
 if TYPE_CHECKING:  # type hints only: models/ must import without the config module
-    from avpgan.config import DiscriminatorConfig, GeneratorConfig, VoiceConfig
+    from avpgan.config import DiscriminatorConfig, EmbedderConfig, GeneratorConfig, RestorerConfig, VoiceConfig
 
 
 def build_voice_encoder(cfg: VoiceConfig) -> VoiceEncoder:
@@ -47,3 +49,34 @@ def build_discriminator(cfg: DiscriminatorConfig, num_identities: int, embed_dim
         embed_dim=embed_dim if embed_dim is not None else getattr(cfg, "embed_dim", 64),
         init=cfg.init,
     )
+
+
+def build_embedder(cfg: EmbedderConfig) -> arcface.IResNet:
+    """The ArcFace backbone (the margin head is the embedder stage's, not part of the network)."""
+    factory = getattr(arcface, cfg.arch, None) if cfg.arch.startswith("iresnet") else None
+    if factory is None:
+        raise ValueError(f"model.embedder.arch: unknown backbone '{cfg.arch}'")
+    return factory(width=cfg.width, embed_dim=cfg.embed_dim, input_size=cfg.input_size, dropout=cfg.dropout)
+
+
+def build_prior(cfg: RestorerConfig) -> StyleGAN2Prior:
+    """The restoration model's face prior, as the `prior` stage trains it and the Restorer holds it."""
+    return StyleGAN2Prior(cfg.out_size, cfg.prior_channels, cfg.style_dim, n_mlp=cfg.mapping_layers, noise=cfg.noise)
+
+
+def build_restorer(cfg: RestorerConfig) -> Restorer:
+    """U-Net + prior with CS-SFT; the pyramid's RGB heads exist only when their loss is trained
+    (an unused parameter would stop DDP)."""
+    return Restorer(out_size=cfg.out_size, unet_channels=cfg.unet_channels, prior_channels=cfg.prior_channels,
+                    style_dim=cfg.style_dim, n_mlp=cfg.mapping_layers, noise=cfg.noise, freeze_prior=cfg.freeze_prior,
+                    rgb_outputs=cfg.pyramid_weight > 0)
+
+
+def build_style_discriminator(cfg: RestorerConfig) -> StyleDiscriminator:
+    """The whole-face discriminator of the prior and restore stages."""
+    return StyleDiscriminator(cfg.out_size, cfg.prior_channels)
+
+
+def build_components(cfg: RestorerConfig) -> FacialComponents:
+    """The restore stage's eye and mouth discriminators (GFPGAN's facial component loss)."""
+    return FacialComponents(max(8, cfg.prior_channels // 2))

@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from avpgan import atomic, models
-from avpgan.bundle import build_embedder, build_restorer
 from avpgan.config import Config
 from avpgan.data import bank
 from avpgan.data.shards import load_manifest
@@ -195,7 +194,7 @@ class EmbedderStage(Stage):
     def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
         super().__init__(cfg, acc, run_dir)
         e = cfg.model.embedder
-        net = ArcFaceTrainer(build_embedder(cfg), models.ArcMarginLoss(e.embed_dim, self.num_identities, s=e.scale, m=e.margin))
+        net = ArcFaceTrainer(models.build_embedder(e), models.ArcMarginLoss(e.embed_dim, self.num_identities, s=e.scale, m=e.margin))
         self.model, self.opt = acc.prepare(self.sync_bn(net), self.adam(net))
 
     def state(self) -> dict:
@@ -356,8 +355,7 @@ class PriorStage(Stage):
         r = cfg.model.restorer
         self.size, self.style_dim = r.out_size, r.style_dim
         self.face128 = r.out_size > 64
-        g = models.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim, n_mlp=r.mapping_layers, noise=r.noise)
-        d = models.StyleDiscriminator(r.out_size, r.prior_channels)
+        g, d = models.build_prior(r), models.build_style_discriminator(r)
         self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
         self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
 
@@ -409,10 +407,10 @@ class RestoreStage(Stage):
         r = cfg.model.restorer
         self.size = r.out_size
         self.face128 = r.out_size > 64
-        restorer = build_restorer(cfg)
+        restorer = models.build_restorer(r)
         restorer.prior.load_state_dict(read_weights(weights_path(cfg, run_dir, "prior"), "face prior", "prior"))
         restorer.freeze_prior = r.freeze_prior
-        embedder = build_embedder(cfg)
+        embedder = models.build_embedder(cfg.model.embedder)
         embedder.load_state_dict(read_weights(weights_path(cfg, run_dir, "embedder"), "face embedder", "embedder"))
         self.losses = models.RestoreLosses(
             models.PerceptualNet(r.perceptual_weights, input_size=r.perceptual_size), embedder,
@@ -423,8 +421,7 @@ class RestoreStage(Stage):
         ).to(acc.device)
         # Global and component discriminators are separate DDP modules: the R1 step uses only the
         # global one, and DDP insists that a module's every parameter takes part in its backward.
-        disc = models.StyleDiscriminator(r.out_size, r.prior_channels)
-        comps = models.FacialComponents(max(8, r.prior_channels // 2))
+        disc, comps = models.build_style_discriminator(r), models.build_components(r)
         self.g, self.d, self.c, self.opt_g, self.opt_d = acc.prepare(
             restorer, disc, comps, self.adam(restorer), self.adam(disc, comps))
 
