@@ -91,7 +91,7 @@ class VoiceConfig:
 
 @dataclass
 class GeneratorConfig:
-    embed_dim: int = 64
+    embed_dim: int = 64  # G's input: must equal model.voice.embed_dim (checked at load)
     channels: list[int] = field(default_factory=lambda: [1024, 512, 256, 128, 64])
     spectral_norm: bool = True
     cbam: bool = True
@@ -111,7 +111,7 @@ class DiscriminatorConfig:
     cbam: bool = True
     cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     cbam_reduction: int = 16
-    embed_dim: int = 64  # width of the shared trunk's output that D and C read (Voice2Face: 64)
+    embed_dim: int = 64  # width of the shared trunk's output that D and C read (Voice2Face: 64); not the voice's
     init: str = "default"  # default (PyTorch's) | dcgan (N(0, 0.02) weights)
 
 
@@ -336,6 +336,10 @@ def validate(cfg: "Config", source: str) -> "Config":
         if stage not in STAGE_NAMES:
             raise ConfigError(f"{source}: train.stages[{i}]: {stage!r} is not a stage; must be one of "
                               f"{', '.join(STAGE_NAMES)}")
+    if cfg.model.generator.embed_dim != cfg.model.voice.embed_dim:
+        raise ConfigError(f"{source}: model.generator.embed_dim: {cfg.model.generator.embed_dim} differs from "
+                          f"model.voice.embed_dim ({cfg.model.voice.embed_dim}); G's input is the voice embedding, "
+                          f"so both must be the same")
     nyquist = cfg.data.sample_rate / 2
     if not (_finite(cfg.features.fmax) and cfg.features.fmin < cfg.features.fmax <= nyquist):
         raise ConfigError(f"{source}: features.fmax: {cfg.features.fmax!r} is out of range; must be above "

@@ -39,6 +39,7 @@ BAD = {
     "train.ema_decay=1.0": r"train\.ema_decay: 1\.0 is out of range; must be a number in \[0, 1\)",
     "features.fmax=9000": r"features\.fmax: 9000\.0 is out of range; must be above features\.fmin \(20\.0\) and at most "
                           r"half of data\.sample_rate \(8000\)",
+    "model.generator.embed_dim=32": r"model\.generator\.embed_dim: 32 differs from model\.voice\.embed_dim \(64\)",
 }
 
 
@@ -82,3 +83,13 @@ def test_cli_counts_are_refused_by_argparse(argv, message, capsys):
         main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_discriminator_embed_dim_is_the_trunk_width_not_the_voice_width():
+    """model.discriminator.embed_dim sizes the trunk D and C read; the voice's width does not."""
+    from avpgan import models
+
+    cfg = config_mod.load(TINY, ["model.discriminator.embed_dim=24"])
+    d = models.build_discriminator(cfg.model.discriminator, num_identities=5)
+    widths = {p.shape[-1] for n, p in d.named_parameters() if p.dim() == 2}
+    assert widths == {24} and cfg.model.voice.embed_dim == 64

@@ -37,8 +37,8 @@ def build_generator(cfg: GeneratorConfig) -> Generator:
     )
 
 
-def build_discriminator(cfg: DiscriminatorConfig, num_identities: int, embed_dim: int | None = None) -> FaceDiscriminator:
-    """`embed_dim` overrides cfg.embed_dim (kept for sections written before that field existed)."""
+def build_discriminator(cfg: DiscriminatorConfig, num_identities: int) -> FaceDiscriminator:
+    """D and C on one trunk, `cfg.embed_dim` wide at its output; `num_identities` sizes C's head."""
     return FaceDiscriminator(
         num_identities,
         channels=tuple(cfg.channels),
@@ -46,7 +46,7 @@ def build_discriminator(cfg: DiscriminatorConfig, num_identities: int, embed_dim
         cbam=cfg.cbam,
         cbam_layers=tuple(cfg.cbam_layers),
         cbam_reduction=cfg.cbam_reduction,
-        embed_dim=embed_dim if embed_dim is not None else getattr(cfg, "embed_dim", 64),
+        embed_dim=cfg.embed_dim,
         init=cfg.init,
     )
 

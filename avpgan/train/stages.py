@@ -231,7 +231,7 @@ class GanStage(Stage):
         self.voice_weights = weights_path(cfg, run_dir, "voice")
         self.encoder = load_voice_encoder(cfg, run_dir, acc.device)
         g = models.build_generator(cfg.model.generator)
-        d = models.build_discriminator(cfg.model.discriminator, self.num_identities, embed_dim=cfg.model.voice.embed_dim)
+        d = models.build_discriminator(cfg.model.discriminator, self.num_identities)
         self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
         self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
         self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
