@@ -140,6 +140,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_voice2face(args: argparse.Namespace) -> int:
+    from avpgan.models.convert import ConversionError, convert_file
+
+    try:
+        kind = convert_file(Path(args.src), Path(args.out), kind=args.kind)
+    except ConversionError as e:
+        print(f"avpgan: {e}", file=sys.stderr)
+        return 1
+    use = {"voice": f"train the gan stage from it with train.voice_weights={args.out}",
+           "generator": "load it with avpgan.models.load_converted"}[kind]
+    print(f"{args.out}: Voice2Face {kind} converted; {use}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from avpgan.data.layout import IngestError
     from avpgan.evaluate import EmbedderError, evaluate
@@ -234,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (train.run_dir)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-voice2face", help="convert Voice2Face's voice_embedding.pth or generator.pth to "
+                                                 "safetensors (docs/voice2face_weights.md)")
+    p.add_argument("src", help="a Voice2Face state dict (.pth)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--kind", choices=("auto", "voice", "generator"), default="auto",
+                   help="auto: voice when the file holds batch-norm statistics, else generator")
+    p.set_defaults(func=cmd_import_voice2face)
 
     p = sub.add_parser("evaluate", help="face cosine similarity (eq. 15), retrieval and probes on a shard split")
     p.add_argument("model", help="bundle file (avpgan export) or run directory")

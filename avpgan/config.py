@@ -400,13 +400,6 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
-def from_dict(data: dict, source: str = "<dict>") -> Config:
-    """Build a Config from a nested dict; `source` names the file in error messages."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    return validate(_build_named(Config, data, source), source)
-
-
 def _build_named(cls: type, data: dict, source: str, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`; errors read `source: key.path: problem`."""
     hints = typing.get_type_hints(cls)

@@ -478,7 +478,7 @@ def test_convert_voice2face_voice_file(tmp_path):
         expected = ref(mel).flatten(1)
         torch.testing.assert_close(ours(mel), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rebuilt(mel), expected, rtol=1e-5, atol=1e-5)
-    assert not list(dst.parent.glob(".*tmp*"))
+    assert not list(dst.parent.glob(".*.partial"))
 
 
 def test_convert_voice2face_generator(tmp_path):
@@ -520,3 +520,26 @@ def test_converter_variants_and_errors(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(ConversionError, match="unexpected entry 'fc.weight'"):
         convert_file(tmp_path / "other.pth", tmp_path / "other.safetensors")
+
+
+def test_import_voice2face_command(tmp_path, capsys):
+    """`avpgan import-voice2face` converts a state dict with Voice2Face's key layout, and its
+    output is what train.voice_weights reads (a plain VoiceEncoder state dict)."""
+    from avpgan.cli import main
+
+    ref = V2FVoice().eval()
+    torch.save(ref.state_dict(), tmp_path / "voice_embedding.pth")
+    dst = tmp_path / "w" / "voice.safetensors"
+    assert main(["import-voice2face", str(tmp_path / "voice_embedding.pth"), "--out", str(dst)]) == 0
+    assert "Voice2Face voice converted; train the gan stage from it with train.voice_weights=" in capsys.readouterr().out
+    ours = VoiceEncoder().eval()
+    ours.load_state_dict(load_file(str(dst)))
+    mel = torch.randn(2, 64, 400)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(mel), ref(mel).flatten(1), rtol=1e-5, atol=1e-5)
+
+    torch.save(V2FGenerator().state_dict(), tmp_path / "generator.pth")
+    assert main(["import-voice2face", str(tmp_path / "generator.pth"), "--out", str(tmp_path / "g.safetensors"),
+                 "--kind", "voice"]) == 1  # forced to the wrong kind: refused, nothing written
+    assert "generator.pth: voice encoder:" in capsys.readouterr().err
+    assert not (tmp_path / "g.safetensors").exists()

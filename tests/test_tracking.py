@@ -266,11 +266,12 @@ def test_non_main_rank_does_nothing(server, tmp_path):
 def test_local_store_without_server(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "x"
-    with Tracker(TrackingConfig(system_metrics=False), run_dir, is_main=True) as tracker:
-        run_id = tracker.start({"a": 1}, "a: 1\n", "local")
-        assert run_id is not None
-        for step in range(3):
-            tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker = Tracker(TrackingConfig(system_metrics=False), run_dir, is_main=True)
+    run_id = tracker.start({"a": 1}, "a: 1\n", "local")
+    assert run_id is not None
+    for step in range(3):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.finish()
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
@@ -297,7 +298,8 @@ def test_refused_requests_are_dropped_not_retried(server, tmp_path, caplog):
 def test_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri="sqlite:///runs/shared.db", system_metrics=False)
-    with Tracker(cfg, tmp_path / "runs" / "a", is_main=True) as tracker:
-        run_id = tracker.start({"a": 1}, "a: 1\n", "a")
+    tracker = Tracker(cfg, tmp_path / "runs" / "a", is_main=True)
+    run_id = tracker.start({"a": 1}, "a: 1\n", "a")
+    tracker.finish()
     assert (tmp_path / "runs" / "mlruns" / run_id / "artifacts" / "config.yaml").is_file()
     assert not (tmp_path / "mlruns").exists()

@@ -85,7 +85,6 @@ class IResNet(nn.Module):
             stage = [IBasicBlock(cin, cout, stride=2)] + [IBasicBlock(cout, cout) for _ in range(blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             cin, side = cout, _after_stride2(side)
-        self.feature_side = side
         self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(cin * side * side, embed_dim)

@@ -53,10 +53,9 @@ def build_discriminator(cfg: DiscriminatorConfig, num_identities: int) -> FaceDi
 
 def build_embedder(cfg: EmbedderConfig) -> arcface.IResNet:
     """The ArcFace backbone (the margin head is the embedder stage's, not part of the network)."""
-    factory = getattr(arcface, cfg.arch, None) if cfg.arch.startswith("iresnet") else None
-    if factory is None:
-        raise ValueError(f"model.embedder.arch: unknown backbone '{cfg.arch}'")
-    return factory(width=cfg.width, embed_dim=cfg.embed_dim, input_size=cfg.input_size, dropout=cfg.dropout)
+    if cfg.arch not in arcface.ARCHS:
+        raise ValueError(f"model.embedder.arch: unknown backbone '{cfg.arch}' (known: {', '.join(arcface.ARCHS)})")
+    return arcface.ARCHS[cfg.arch](width=cfg.width, embed_dim=cfg.embed_dim, input_size=cfg.input_size, dropout=cfg.dropout)
 
 
 def build_prior(cfg: RestorerConfig) -> StyleGAN2Prior:

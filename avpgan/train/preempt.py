@@ -38,12 +38,6 @@ def install(signals: tuple[int, ...] = SIGNALS) -> None:
         signal.signal(sig, _handler)
 
 
-def uninstall(signals: tuple[int, ...] = SIGNALS) -> None:
-    """Restore the default actions (after the last save, a second SIGTERM should kill again)."""
-    for sig in signals:
-        signal.signal(sig, signal.SIG_DFL)
-
-
 def stop_file() -> str | None:
     return os.environ.get(STOP_FILE_ENV) or None
 
@@ -62,12 +56,6 @@ def reason() -> str | None:
     if path is not None and os.path.exists(path):
         return "stop file"
     return None
-
-
-def request() -> None:
-    """Ask to stop from code (what the signal handler does)."""
-    global _requested
-    _requested = True
 
 
 def reset() -> None:

@@ -408,8 +408,7 @@ class RestoreStage(Stage):
         self.size = r.out_size
         self.face128 = r.out_size > 64
         restorer = models.build_restorer(r)
-        restorer.prior.load_state_dict(read_weights(weights_path(cfg, run_dir, "prior"), "face prior", "prior"))
-        restorer.freeze_prior = r.freeze_prior
+        restorer.load_prior(read_weights(weights_path(cfg, run_dir, "prior"), "face prior", "prior"))
         embedder = models.build_embedder(cfg.model.embedder)
         embedder.load_state_dict(read_weights(weights_path(cfg, run_dir, "embedder"), "face embedder", "embedder"))
         self.losses = models.RestoreLosses(

@@ -286,15 +286,6 @@ class Tracker:
         atexit.register(self._stop_node_monitors)
         return True
 
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-
     # ------------------------------------------------------------------------------------------
     # Queue.
 
