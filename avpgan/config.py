@@ -212,6 +212,22 @@ class TrainConfig:
     prior: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
     restore: StageConfig = field(default_factory=lambda: StageConfig(steps=20000, batch_size=32, lr=2e-3, betas=[0.0, 0.99]))
 
+    def stage(self, name: str) -> StageConfig:
+        """The `train.<name>` section of stage `name` (one of STAGE_NAMES)."""
+        sections = {"voice": self.voice, "embedder": self.embedder, "gan": self.gan, "prior": self.prior,
+                    "restore": self.restore}
+        if name not in sections:
+            raise ConfigError(f"train: no stage '{name}' (stages: {', '.join(sections)})")
+        return sections[name]
+
+    def weights(self, name: str) -> str:
+        """`train.<name>_weights`: the file a later stage reads stage `name`'s model from ('' = this run's)."""
+        files = {"voice": self.voice_weights, "embedder": self.embedder_weights, "gan": self.gan_weights,
+                 "prior": self.prior_weights}
+        if name not in files:
+            raise ConfigError(f"train: stage '{name}' has no weights key (stages with one: {', '.join(files)})")
+        return files[name]
+
 
 @dataclass
 class TrackingConfig:

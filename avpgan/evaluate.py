@@ -826,7 +826,7 @@ def log_to_run(run_dir: Path, cfg, results: dict, out: Path | None, log: Callabl
         log(f"MLflow: not logged (no {id_file}: the run never reached its tracking store)")
         return
     run_id = id_file.read_text().strip()
-    step = sum(getattr(cfg.train, stage).steps for stage in cfg.train.stages)
+    step = sum(cfg.train.stage(stage).steps for stage in cfg.train.stages)
     tracker = Tracker(replace(cfg.tracking, system_metrics=False), run_dir, is_main=True, run_id=run_id)
     tracker.start({}, config_mod.to_yaml(cfg))  # params exist already; nothing is re-logged
     tracker.log_metrics(metrics_for_mlflow(results), step=step)

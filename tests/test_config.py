@@ -93,3 +93,17 @@ def test_discriminator_embed_dim_is_the_trunk_width_not_the_voice_width():
     d = models.build_discriminator(cfg.model.discriminator, num_identities=5)
     widths = {p.shape[-1] for n, p in d.named_parameters() if p.dim() == 2}
     assert widths == {24} and cfg.model.voice.embed_dim == 64
+
+
+def test_each_stage_has_its_typed_section_and_weights_key():
+    """Stages reach their `train.<stage>` section and `train.<stage>_weights` through TrainConfig,
+    so renaming a field breaks here and in the type checker, not in a getattr at run time."""
+    cfg = config_mod.load(TINY, ["train.gan.steps=7", "train.prior_weights=p.safetensors"])
+    assert cfg.train.stage("gan") is cfg.train.gan and cfg.train.stage("gan").steps == 7
+    assert [cfg.train.stage(s) for s in config_mod.STAGE_NAMES] == [
+        cfg.train.voice, cfg.train.embedder, cfg.train.gan, cfg.train.prior, cfg.train.restore]
+    assert cfg.train.weights("prior") == "p.safetensors" and cfg.train.weights("voice") == ""
+    with pytest.raises(config_mod.ConfigError, match="no stage 'gna'"):
+        cfg.train.stage("gna")
+    with pytest.raises(config_mod.ConfigError, match="stage 'restore' has no weights key"):
+        cfg.train.weights("restore")

@@ -121,7 +121,7 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
         for name in cfg.train.stages:
             stage_cls = STAGES[name]
             done = run_dir / name / "model.safetensors"
-            steps = getattr(cfg.train, name).steps
+            steps = cfg.train.stage(name).steps
             if done.exists():
                 acc.print(f"[{name}] already finished ({done}); skipping")
                 global_step += steps
@@ -183,7 +183,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
               global_offset: int, resume: str) -> str:
     """Train one stage to its configured number of steps; returns 'finished' or 'preempted'."""
     name = stage_cls.name
-    scfg = getattr(cfg.train, name)
+    scfg = cfg.train.stage(name)
     stage_dir = run_dir / name
     ckpt_root = stage_dir / "checkpoints"
     seed_everything(_seed_for(cfg.train.seed, name, "init"))

@@ -55,7 +55,7 @@ def write_weights(module: nn.Module, path: Path) -> None:
 
 def weights_path(cfg: Config, run_dir: Path, stage: str) -> Path:
     """`train.<stage>_weights` when set, else the stage's model file in this run."""
-    explicit = getattr(cfg.train, f"{stage}_weights")
+    explicit = cfg.train.weights(stage)
     return Path(explicit) if explicit else run_dir / stage / "model.safetensors"
 
 
@@ -73,7 +73,7 @@ class Stage:
 
     def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
         self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
-        self.scfg = getattr(cfg.train, self.name)
+        self.scfg = cfg.train.stage(self.name)
         manifest = load_manifest(Path(cfg.data.shards))
         self.num_identities = len(manifest["splits"]["train"]["identities"])
 
