@@ -118,10 +118,20 @@ def test_resume_on_other_world_size(tiny_shards, tmp_path):
     run_dir = tmp_path / "resharded"
     ckpts = run_dir / "gan" / "checkpoints"
     kill_when(train_cmd(tiny_shards, run_dir, 2), lambda: (ckpts / "step-0000004" / "COMPLETE").exists())
+    voice_before = (run_dir / "voice" / "model.safetensors").read_bytes()
     p = run(train_cmd(tiny_shards, run_dir, 1))
     assert "written by 2 ranks, now 1: the bank sampler goes on at this step" in p.stdout
     assert "resumed from" in p.stdout
-    assert (run_dir / "gan" / "model.safetensors").exists()
+    # What the files say, beyond the log: the finished voice stage was not trained again, the GAN
+    # went on from step 4 (not 0) on one rank, and the run ended normally.
+    assert (run_dir / "voice" / "model.safetensors").read_bytes() == voice_before
+    metas = {c.name: json.loads((c / "meta.json").read_text()) for c in sorted(ckpts.glob("step-*")) if c.is_dir()}
+    assert [(n, m["step"], m["world_size"]) for n, m in metas.items()] == [
+        ("step-0000004", 4, 2), ("step-0000006", 6, 1), ("step-0000008", 8, 1)]
+    assert sorted(f.name for f in (ckpts / "step-0000008").glob("rank-*")) == ["rank-00000.safetensors"]
+    gan = load_file(str(run_dir / "gan" / "model.safetensors"))
+    assert gan and all(t.isfinite().all() for t in gan.values() if t.is_floating_point())
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
 def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):

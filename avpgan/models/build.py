@@ -22,33 +22,21 @@ def build_voice_encoder(cfg: VoiceConfig) -> VoiceEncoder:
     return VoiceEncoder(mel_bins=cfg.mel_bins, embed_dim=cfg.embed_dim, channels=tuple(cfg.channels))
 
 
+def _conv_stack(cfg: GeneratorConfig | DiscriminatorConfig) -> dict:
+    """The fields G's and D's sections share, mapped the same way for both networks."""
+    return dict(channels=tuple(cfg.channels), spectral_norm=cfg.spectral_norm, cbam=cfg.cbam,
+                cbam_layers=tuple(cfg.cbam_layers), cbam_reduction=cfg.cbam_reduction, init=cfg.init,
+                embed_dim=cfg.embed_dim)
+
+
 def build_generator(cfg: GeneratorConfig) -> Generator:
-    return Generator(
-        embed_dim=cfg.embed_dim,
-        channels=tuple(cfg.channels),
-        spectral_norm=cfg.spectral_norm,
-        cbam=cfg.cbam,
-        cbam_layers=tuple(cfg.cbam_layers),
-        cbam_reduction=cfg.cbam_reduction,
-        batch_norm=cfg.batch_norm,
-        tanh=cfg.tanh,
-        init=cfg.init,
-        upsample=cfg.upsample,
-    )
+    """G; its input width `embed_dim` is the voice embedding's (config.validate checks they agree)."""
+    return Generator(**_conv_stack(cfg), batch_norm=cfg.batch_norm, tanh=cfg.tanh, upsample=cfg.upsample)
 
 
 def build_discriminator(cfg: DiscriminatorConfig, num_identities: int) -> FaceDiscriminator:
     """D and C on one trunk, `cfg.embed_dim` wide at its output; `num_identities` sizes C's head."""
-    return FaceDiscriminator(
-        num_identities,
-        channels=tuple(cfg.channels),
-        spectral_norm=cfg.spectral_norm,
-        cbam=cfg.cbam,
-        cbam_layers=tuple(cfg.cbam_layers),
-        cbam_reduction=cfg.cbam_reduction,
-        embed_dim=cfg.embed_dim,
-        init=cfg.init,
-    )
+    return FaceDiscriminator(num_identities, **_conv_stack(cfg))
 
 
 def build_embedder(cfg: EmbedderConfig) -> arcface.IResNet:
