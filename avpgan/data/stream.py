@@ -20,11 +20,18 @@ Why it is built this way:
   its device (preparing a WebDataset loader hangs or re-shards).
 - DataLoader workers hand out batches round-robin, always starting at worker 0; after a resume
   at batch k the workers are relabelled by k mod W so that the batch order continues exactly.
+- Loader workers ignore the stop signals (SIGTERM, SIGUSR1). SLURM's cancel and preemption
+  signal every process of the job; a worker that died of it would make the trainer's next
+  DataLoader check raise (torch's SIGCHLD handler, "worker ... killed by signal"), in the middle of
+  the very checkpoint the signal asked for. The trainer alone decides to stop (train/preempt.py)
+  and then ends its workers itself.
 """
 
 from __future__ import annotations
 
 import random
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -38,6 +45,7 @@ from avpgan import seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import DataConfig
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.train.preempt import SIGNALS as STOP_SIGNALS
 
 
 class StreamError(RuntimeError):
@@ -232,6 +240,28 @@ class ShardStream(IterableDataset):
         return self._worker_batches((physical + self.position.next_worker) % workers)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: this worker ignores SIGTERM/SIGUSR1 (see the module notes).
+
+    torch installs a SIGTERM handler that kills the worker just before calling this; replacing it
+    with SIG_IGN also discards a signal left pending while `_stop_signals_blocked` held it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold the stop signals while the loader forks its workers, so that none can reach a worker
+    before `ignore_stop_signals` runs in it (a forked child inherits the mask). The trainer gets
+    a signal that arrived meanwhile when the mask is restored: it is delayed, never lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def make_stream(
     data: DataConfig,
     split: str,
@@ -260,5 +290,8 @@ def make_stream(
     if ds.workers == 0:
         return iter(ds), ds.position
     loader = DataLoader(ds, batch_size=None, num_workers=ds.workers, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork")
-    return iter(loader), ds.position
+                        persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork",
+                        worker_init_fn=ignore_stop_signals)
+    with _stop_signals_blocked():  # the workers are forked here
+        batches = iter(loader)
+    return batches, ds.position
