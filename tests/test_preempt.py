@@ -221,6 +221,20 @@ def test_sigterm_to_the_whole_process_group_still_saves(tiny_shards, tmp_path):
     assert (run_dir / "voice" / "model.safetensors").exists()
 
 
+def test_process_exits_with_a_loader_worker_still_alive(tiny_shards):
+    """Loader workers ignore SIGTERM, which multiprocessing's exit hook relies on to end them: a
+    program that exits with a live loader iterator (a run that raised) must not wait forever."""
+    from conftest import subprocess_env
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
+            "from avpgan.data.stream import make_stream; "
+            f"cfg = tiny_config(Path({str(tiny_shards)!r}), Path('unused')); "
+            "it, _ = make_stream(cfg.data, 'train', 4, workers=1); next(it); keep = [it]; print('exiting')")
+    p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
+
+
 def test_handler_only_sets_the_flag():
     from avpgan.train import preempt
 

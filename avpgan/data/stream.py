@@ -29,8 +29,11 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
 import signal
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +253,37 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+# Loader workers still alive when the interpreter exits (a run that raised, an iterator kept in a
+# cycle): torch leaves them to multiprocessing's exit hook, which SIGTERMs and then joins them
+# without a timeout; ignoring SIGTERM, they would hold the exit forever. They keep nothing worth
+# a clean end (they only read shards), so this hook, registered after multiprocessing's and thus
+# run before it, SIGKILLs them.
+_live_workers: "weakref.WeakSet" = weakref.WeakSet()
+_reaper_registered = False
+
+
+def _kill_live_workers() -> None:
+    for proc in list(_live_workers):
+        if proc.is_alive():
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.join(5)
+
+
+def _reap_at_exit(batches: object) -> None:
+    """Remember the loader iterator's worker processes for `_kill_live_workers`. `_workers` is
+    torch's attribute (DataLoader has no public handle on its processes); without it, nothing
+    is remembered and only the exit hang guard is lost."""
+    global _reaper_registered
+    for proc in getattr(batches, "_workers", ()):
+        _live_workers.add(proc)
+    if not _reaper_registered:
+        atexit.register(_kill_live_workers)
+        _reaper_registered = True
+
+
 @contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """Hold the stop signals while the loader forks its workers, so that none can reach a worker
@@ -294,4 +328,5 @@ def make_stream(
                         worker_init_fn=ignore_stop_signals)
     with _stop_signals_blocked():  # the workers are forked here
         batches = iter(loader)
+    _reap_at_exit(batches)
     return batches, ds.position
