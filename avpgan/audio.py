@@ -40,6 +40,11 @@ def _declared_wav_frames(path: Path) -> int | None:
         return None
 
 
+# Below this a recording holds nothing of a voice but its lowest harmonics (speech features reach
+# 4 kHz; 8 kHz telephone audio is the usual floor): resampled, it would give a face of noise.
+MIN_SAMPLE_RATE = 4000
+
+
 def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode `path` to float32 mono at `sample_rate` (stereo is averaged, rate resampled)."""
     path = Path(path)
@@ -63,6 +68,9 @@ def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
                 y, sr = librosa.load(str(path), sr=None, mono=True, dtype=np.float32)
         except Exception as second:  # audioread raises several unrelated types
             raise AudioError(f"{path}: cannot decode audio ({first}; fallback: {type(second).__name__}: {second})") from None
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {sr} Hz is too low for speech (need at least {MIN_SAMPLE_RATE} Hz)",
+                         "sample rate too low")
     return resample(np.ascontiguousarray(y, dtype=np.float32), int(sr), sample_rate)
 
 

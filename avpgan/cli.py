@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from avpgan import config as config_mod
+from avpgan import errors
 
 
 def int_at_least(low: int):
@@ -69,22 +70,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from avpgan.data import shards
-    from avpgan.data.layout import IngestError
 
     cfg = config_mod.load(args.config, args.overrides)
-    try:
-        shards.build(
-            voxceleb=Path(args.voxceleb),
-            vggface=Path(args.vggface),
-            meta=Path(args.meta),
-            out=Path(args.out),
-            data=cfg.data,
-            samples_per_shard=args.samples_per_shard or cfg.data.samples_per_shard,
-            workers=args.workers,
-        )
-    except IngestError as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 2
+    shards.build(
+        voxceleb=Path(args.voxceleb),
+        vggface=Path(args.vggface),
+        meta=Path(args.meta),
+        out=Path(args.out),
+        data=cfg.data,
+        samples_per_shard=args.samples_per_shard or cfg.data.samples_per_shard,
+        workers=args.workers,
+    )
     return 0
 
 
@@ -98,56 +94,35 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     import torch
 
     from avpgan.data import bank
-    from avpgan.data.layout import IngestError
     from avpgan.train.stages import weights_path
 
     cfg = config_mod.load(args.config, args.overrides)
     run_dir = Path(cfg.train.run_dir)
-    try:
-        bank.prepare(cfg, run_dir, weights_path(cfg, run_dir, "voice"), rebuild=True,
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    except (bank.BankError, IngestError, FileNotFoundError) as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    bank.prepare(cfg, run_dir, weights_path(cfg, run_dir, "voice"), rebuild=True,
+                 device="cuda" if torch.cuda.is_available() else "cpu")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from avpgan.data.bank import BankError
-    from avpgan.data.stream import StreamError
-    from avpgan.train.checkpoint import CheckpointError
-    from avpgan.train.loop import TrainingStopped, train
-    from avpgan.train.runlock import RunLocked
+    from avpgan.train.loop import train
 
     cfg = config_mod.load(args.config, args.overrides)
-    try:
-        train(cfg, resume=args.resume)
-    except (TrainingStopped, StreamError, BankError, FileNotFoundError, CheckpointError, RunLocked) as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    train(cfg, resume=args.resume)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from avpgan import bundle
 
-    try:
-        counts = bundle.export(Path(args.run), Path(args.out))
-    except FileNotFoundError as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    counts = bundle.export(Path(args.run), Path(args.out))
     print(f"{args.out}: " + ", ".join(f"{k} ({n} tensors)" for k, n in counts.items()))
     return 0
 
 
 def cmd_import_voice2face(args: argparse.Namespace) -> int:
-    from avpgan.models.convert import ConversionError, convert_file
+    from avpgan.models.convert import convert_file
 
-    try:
-        kind = convert_file(Path(args.src), Path(args.out), kind=args.kind)
-    except ConversionError as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    kind = convert_file(Path(args.src), Path(args.out), kind=args.kind)
     use = {"voice": f"train the gan stage from it with train.voice_weights={args.out}",
            "generator": "load it with avpgan.models.load_converted"}[kind]
     print(f"{args.out}: Voice2Face {kind} converted; {use}")
@@ -155,16 +130,11 @@ def cmd_import_voice2face(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from avpgan.data.layout import IngestError
-    from avpgan.evaluate import EmbedderError, evaluate
+    from avpgan.evaluate import evaluate
 
-    try:
-        evaluate(Path(args.model), shards=args.shards, split=args.split, seconds=args.seconds, embedder=args.embedder,
-                 attributes=args.attributes, out=args.out, batch_size=args.batch_size, group_size=args.group_size,
-                 seed=args.seed)
-    except (EmbedderError, IngestError, FileNotFoundError, ValueError) as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    evaluate(Path(args.model), shards=args.shards, split=args.split, seconds=args.seconds, embedder=args.embedder,
+             attributes=args.attributes, out=args.out, batch_size=args.batch_size, group_size=args.group_size,
+             seed=args.seed)
     _end_process_group()
     return 0
 
@@ -182,21 +152,27 @@ def _end_process_group() -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from avpgan.generate import generate
 
-    try:
-        report = generate(Path(args.model), args.voices, Path(args.out), seconds=args.seconds,
-                          restore=not args.no_restore, grid=args.grid, batch_size=args.batch_size,
-                          real=args.real)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"avpgan: {e}", file=sys.stderr)
-        return 1
+    report = generate(Path(args.model), args.voices, Path(args.out), seconds=args.seconds,
+                      restore=not args.no_restore, grid=args.grid, batch_size=args.batch_size,
+                      real=args.real)
     print(f"{len(report.made)} faces from {len(report.made) + len(report.skipped)} voices in "
           f"{report.seconds_total:.2f} s; networks {report.faces_per_s:.1f} faces/s; skipped {len(report.skipped)}"
           + (": " + ", ".join(s["voice"] for s in report.skipped) if report.skipped else ""))
-    return 0 if report.made else 1
+    if not report.made:  # every voice was skipped (each named above); the one line on stderr says so
+        only = report.skipped[0]["reason"] if len(report.skipped) == 1 else \
+            f"none of the {len(report.skipped)} voices gave a face (each is named above)"
+        print(f"avpgan: {errors.one_line(only)}", file=sys.stderr)
+        return errors.EXIT_INPUT
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avpgan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="avpgan", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 done, 1 an input cannot be used or the command stopped, "
+                                            "2 command line or config error, 3 disk full / read-only / no permission, "
+                                            "130 interrupted (README, Commands)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (input errors are otherwise one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="inspect experiment configs")
@@ -289,16 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error of the user's input or system becomes `avpgan: <one line>` and
+    the exit code of `avpgan.errors` (with `--debug`, its traceback too); a bug raises as usual."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except config_mod.ConfigError as e:
-        print(f"avpgan: config error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("avpgan: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as e:
+        known = errors.explain(e)
+        if known is None:
+            raise
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        code, line = known
+        print(f"avpgan: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -471,6 +471,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' for a YAML error, on one line (its own text spans several)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None:
+        return f" ({' '.join(str(e).split())})"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem or 'cannot parse'}"
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
     data: dict = {}
@@ -483,7 +491,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({e})") from None
+            raise ConfigError(f"{source}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping")
     if overrides:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +170,69 @@ def test_launcher_two_nodes_c10d_usr1_on_one_node(tmp_path):
     assert [r["world"] for r in res] == [2, 2]
     assert res[0]["stop"] == res[1]["stop"] < MAX_STEPS
     assert sorted(r["reason"] for r in res if r["reason"]) in (["SIGUSR1"], ["stop file"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_still_saves(tiny_shards, tmp_path):
+    """What `scancel` and SLURM preemption do: SIGTERM to every process of the job, the loader
+    workers included. The workers must outlive it (they ignore it), so the trainer saves at the
+    next step boundary, says `preempted`, leaves no process behind, and a resume loses no step."""
+    from conftest import subprocess_env
+
+    from avpgan.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "avpgan", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+           f"data.shards={tiny_shards}", f"train.run_dir={run_dir}", "tracking.enabled=false",
+           "train.stages=[voice]", "train.voice.batch_size=4", "data.workers=2", "train.log_every=2",
+           "train.checkpoint_every=1000", "train.sample_every=1000"]
+    log = tmp_path / "train.out"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([*cmd, "train.voice.steps=400"], env=subprocess_env(), cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b"step 2/400" in log.read_bytes(), 120, "training with loader workers", [p])
+        workers = [c for c in psutil.Process(p.pid).children() if c.is_running()]
+        assert len(workers) == 2, workers  # the two loader workers, in the job's process group
+        os.killpg(p.pid, signal.SIGTERM)  # p leads its own session: pgid == pid
+        code = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
+    stopped = re.search(r"\[voice\] preempted at step (\d+), checkpoint saved", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    ckpt = run_dir / "voice" / "checkpoints" / f"step-{step:07d}"
+    assert checkpoint.verify(ckpt)["step"] == step
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "preempted", "stage": "voice"}
+    psutil.wait_procs(workers, timeout=30)
+    with pytest.raises(ProcessLookupError):  # the workers did not outlive the trainer
+        os.killpg(p.pid, 0)
+
+    done = subprocess.run([*cmd, f"train.voice.steps={step + 2}"], env=subprocess_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {step}" in done.stdout
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert (run_dir / "voice" / "model.safetensors").exists()
+
+
+def test_process_exits_with_a_loader_worker_still_alive(tiny_shards):
+    """Loader workers ignore SIGTERM, which multiprocessing's exit hook relies on to end them: a
+    program that exits with a live loader iterator (a run that raised) must not wait forever."""
+    from conftest import subprocess_env
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
+            "from avpgan.data.stream import make_stream; "
+            f"cfg = tiny_config(Path({str(tiny_shards)!r}), Path('unused')); "
+            "it, _ = make_stream(cfg.data, 'train', 4, workers=1); next(it); keep = [it]; print('exiting')")
+    p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]
 
 
 def test_handler_only_sets_the_flag():

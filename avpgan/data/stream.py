@@ -20,11 +20,21 @@ Why it is built this way:
   its device (preparing a WebDataset loader hangs or re-shards).
 - DataLoader workers hand out batches round-robin, always starting at worker 0; after a resume
   at batch k the workers are relabelled by k mod W so that the batch order continues exactly.
+- Loader workers ignore the stop signals (SIGTERM, SIGUSR1). SLURM's cancel and preemption
+  signal every process of the job; a worker that died of it would make the trainer's next
+  DataLoader check raise (torch's SIGCHLD handler, "worker ... killed by signal"), in the middle of
+  the very checkpoint the signal asked for. The trainer alone decides to stop (train/preempt.py)
+  and then ends its workers itself.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
+import signal
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -38,6 +48,7 @@ from avpgan import seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import DataConfig
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.train.preempt import SIGNALS as STOP_SIGNALS
 
 
 class StreamError(RuntimeError):
@@ -232,6 +243,59 @@ class ShardStream(IterableDataset):
         return self._worker_batches((physical + self.position.next_worker) % workers)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: this worker ignores SIGTERM/SIGUSR1 (see the module notes).
+
+    torch installs a SIGTERM handler that kills the worker just before calling this; replacing it
+    with SIG_IGN also discards a signal left pending while `_stop_signals_blocked` held it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+# Loader workers still alive when the interpreter exits (a run that raised, an iterator kept in a
+# cycle): torch leaves them to multiprocessing's exit hook, which SIGTERMs and then joins them
+# without a timeout; ignoring SIGTERM, they would hold the exit forever. They keep nothing worth
+# a clean end (they only read shards), so this hook, registered after multiprocessing's and thus
+# run before it, SIGKILLs them.
+_live_workers: "weakref.WeakSet" = weakref.WeakSet()
+_reaper_registered = False
+
+
+def _kill_live_workers() -> None:
+    for proc in list(_live_workers):
+        if proc.is_alive():
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.join(5)
+
+
+def _reap_at_exit(batches: object) -> None:
+    """Remember the loader iterator's worker processes for `_kill_live_workers`. `_workers` is
+    torch's attribute (DataLoader has no public handle on its processes); without it, nothing
+    is remembered and only the exit hang guard is lost."""
+    global _reaper_registered
+    for proc in getattr(batches, "_workers", ()):
+        _live_workers.add(proc)
+    if not _reaper_registered:
+        atexit.register(_kill_live_workers)
+        _reaper_registered = True
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold the stop signals while the loader forks its workers, so that none can reach a worker
+    before `ignore_stop_signals` runs in it (a forked child inherits the mask). The trainer gets
+    a signal that arrived meanwhile when the mask is restored: it is delayed, never lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def make_stream(
     data: DataConfig,
     split: str,
@@ -260,5 +324,9 @@ def make_stream(
     if ds.workers == 0:
         return iter(ds), ds.position
     loader = DataLoader(ds, batch_size=None, num_workers=ds.workers, pin_memory=pin_memory,
-                        persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork")
-    return iter(loader), ds.position
+                        persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork",
+                        worker_init_fn=ignore_stop_signals)
+    with _stop_signals_blocked():  # the workers are forked here
+        batches = iter(loader)
+    _reap_at_exit(batches)
+    return batches, ds.position

@@ -91,11 +91,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from avpgan import atomic
+from avpgan import atomic, errors
 from avpgan.train import integrity
 from avpgan.train.integrity import MARKER, CheckpointError
 
 META = "meta.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """The file system refused a checkpoint (disk full, read-only, no permission): `reason` is the
+    OS's words for it. Whatever was published before is untouched."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 _STEP_DIR = re.compile(r"step-(\d{7,})")
 
 
@@ -311,6 +320,31 @@ def save(root: Path, step: int, state: dict[str, object], *, rank_state: dict, m
     root = Path(root)
     rank, world = _rank_world()
     final = step_dir(root, step)
+    try:
+        return _save(root, final, step, rank, world, state, rank_state, meta, keep_last)
+    except (Exception, CheckpointException) as e:  # every rank gets here (the phases agree on failures)
+        # Ask why while the half-written save still takes its room, then remove it: left there
+        # it would only fill a full disk further (the next save would clean it anyway).
+        refused = [c for c in map(errors.os_cause, _rank_errors(e)) if c is not None and c.errno in errors.WRITE_ERRNOS]
+        reason = refused[0].strerror if refused else errors.write_problem(root)
+        if rank == 0:
+            _clean_stale(root)
+        if reason:
+            raise CheckpointWriteError(f"cannot write checkpoint {final}: {reason}", reason) from e
+        raise
+
+
+def _rank_errors(e: BaseException) -> list[BaseException]:
+    """The errors behind a failed save: DCP's CheckpointException (a BaseException) carries each
+    failed rank's exception instead of chaining it."""
+    if isinstance(e, CheckpointException):
+        return [exc for exc, _ in e.failures.values()]
+    return [e]
+
+
+def _save(root: Path, final: Path, step: int, rank: int, world: int, state: dict[str, object], rank_state: dict,
+          meta: dict, keep_last: int) -> Path:
+    """`save` without the diagnosis of a failed write."""
     tmp = final.with_name(final.name + ".tmp")
     error = None
     if rank == 0:

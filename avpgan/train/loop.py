@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-from avpgan import atomic, bundle, seeding
+from avpgan import atomic, bundle, errors, seeding
 from avpgan import config as config_mod
 from avpgan.config import Config
 from avpgan.train import checkpoint, preempt
@@ -35,7 +35,12 @@ from avpgan.train.tracking import Tracker
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite losses); the message says why and what was saved."""
+    """The run stopped on purpose (non-finite losses, a checkpoint that cannot be written); the
+    message says why and what was saved. `exit_code` is the command's (avpgan.errors)."""
+
+    def __init__(self, message: str, exit_code: int = errors.EXIT_INPUT):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _seed_for(*key) -> int:
@@ -52,6 +57,15 @@ def seed_everything(seed: int) -> None:
 def write_status(run_dir: Path, **status) -> None:
     """RUN/status.json tells the batch script whether to requeue (finished | preempted | failed)."""
     atomic.write_text(run_dir / "status.json", json.dumps(status))
+
+
+def write_failed_status(run_dir: Path, stage: str) -> None:
+    """status.json = failed, if the run directory still takes a write: when a full or read-only
+    disk is why the run stops, the error that says so must not be replaced by this one."""
+    try:
+        write_status(run_dir, state="failed", stage=stage)
+    except OSError:
+        pass
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -136,7 +150,7 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
             global_step += steps
     except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
         if acc.is_main_process:
-            write_status(run_dir, state="failed", stage=name)
+            write_failed_status(run_dir, name)
         tracker.finish(status="FAILED")
         raise
     if acc.is_main_process:
@@ -211,12 +225,16 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     fixed = stage.fixed_inputs() if acc.is_main_process else None
 
     def save(at_step: int) -> None:
-        checkpoint.save(
-            ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
-            rank_state={"stream": position.state_dict()},  # the batch source's position, stream or bank
-            meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
-                  "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id, "config": config_mod.to_yaml(cfg)},
-        )
+        try:
+            checkpoint.save(
+                ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
+                rank_state={"stream": position.state_dict()},  # the batch source's position, stream or bank
+                meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
+                      "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id,
+                      "config": config_mod.to_yaml(cfg)},
+            )
+        except checkpoint.CheckpointWriteError as e:  # every rank gets it
+            raise save_failed(e, ckpt_root, name) from e
 
     nonfinite_in_row = 0
     nonfinite_total = 0
@@ -303,6 +321,15 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         stage.write_model(stage_dir / "model.safetensors")
     acc.wait_for_everyone()
     return "finished"
+
+
+def save_failed(e: checkpoint.CheckpointWriteError, ckpt_root: Path, stage: str) -> TrainingStopped:
+    """A checkpoint the file system refused stops the run (going on would train steps that no
+    checkpoint can keep), saying why and which checkpoint a rerun resumes from."""
+    kept = checkpoint.latest(ckpt_root)
+    previous = f"the previous checkpoint {kept} is intact" if kept else "there is no earlier checkpoint"
+    return TrainingStopped(f"[{stage}] {e}; training stopped, {previous}; make room or fix the folder, "
+                           "then run again to resume", exit_code=errors.EXIT_WRITE)
 
 
 def _peak_memory_mb(acc: Accelerator) -> float:
