@@ -263,13 +263,22 @@ _reaper_registered = False
 
 
 def _kill_live_workers() -> None:
-    for proc in list(_live_workers):
-        if proc.is_alive():
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    # torch's SIGCHLD handler raises as soon as one worker dies by a signal, which would abort
+    # this hook before the other workers are killed (and multiprocessing's hook would then wait
+    # on them forever): at exit those deaths are the point, so the default handler goes back
+    # first, every worker is killed, and only then are they joined.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    procs = list(_live_workers)
+    for proc in procs:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):  # gone already, or never started (pid None)
+            pass
+    for proc in procs:
+        try:
             proc.join(5)
+        except (AssertionError, ValueError, OSError):  # not our child, or already closed
+            pass
 
 
 def _reap_at_exit(batches: object) -> None:
