@@ -266,7 +266,7 @@ class GanStage(Stage):
         emb = self.embed(batch, self.cfg.model.voice.noise_std)
         self.g.train()
         self.d.train()
-        augment = self.scfg.augment  # the same random transforms for real and generated faces
+        augment = self.scfg.augment  # real and generated faces alike, so D cannot tell them apart by it
         with self.acc.autocast():
             fake = self.g(emb)
             logit, id_logits = self.d(models.diff_augment(torch.cat([face, fake.detach()]), augment))
