@@ -6,12 +6,15 @@ beside the target (same folder, so same file system) and `os.replace` renames it
 target, which POSIX makes atomic. A reader sees the old file or the new one, and a crash leaves
 at most a `.<name>.<pid>.partial` file (`avpgan shards build` removes its own on restart).
 
+`sha256_file` is the one way a written file is fingerprinted (shards, bank inputs, checkpoints).
+
 `write_synced` and `fsync_path` are for the checkpoint, which makes a whole folder durable
 before renaming it: there the files must reach the disk, not just the page cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,3 +71,9 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, streamed: a multi-GB shard never has to fit in memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

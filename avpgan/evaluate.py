@@ -513,17 +513,17 @@ def choose_ridge(x: np.ndarray, truth: list[dict], groups: list[str], lams=LITE0
     fold = np.array([fold_of[g] for g in groups])
     ys = {a: np.array([t[a] for t in truth]) for a in PROBE_ATTRIBUTES}
     ys = {a: (y - y.mean()) / y.std() for a, y in ys.items() if y.std() > 0}
-    errors = []
-    for lam in lams:
-        err = 0.0
-        for k in range(folds):
-            train, held = fold != k, fold == k
-            if not held.any() or not train.any():
-                continue
-            probes = _fit_standardised(x[train], [dict(zip(ys, v)) for v in zip(*(y[train] for y in ys.values()))], lam)
-            for a, (w, b) in probes.items():
-                err += float(np.sum((x[held] @ w + b - ys[a][held]) ** 2))
-        errors.append(err)
+    errors = np.zeros(len(lams))
+    for k in range(folds):
+        fit, held = fold != k, fold == k
+        if not held.any() or not fit.any():
+            continue
+        mean, std = x[fit].mean(axis=0), np.maximum(x[fit].std(axis=0), 1e-6)  # as _fit_standardised
+        x_fit, x_held = (x[fit] - mean) / std, (x[held] - mean) / std
+        for i, lam in enumerate(lams):
+            for y in ys.values():
+                w, b = ridge_fit(x_fit, y[fit], lam)
+                errors[i] += float(np.sum((x_held @ w + b - y[held]) ** 2))
     return float(lams[int(np.argmin(errors))])
 
 

@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from avpgan import atomic, models, seeding
+from avpgan.atomic import sha256_file
 from avpgan.audio import crop_or_tile
 from avpgan.config import Config, flatten
 from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
@@ -95,11 +96,6 @@ def _split_shards(cfg: Config, split: str) -> list[dict]:
     return info["shards"]
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def expected_meta(cfg: Config, split: str, encoder_weights: Path) -> dict:
     """The facts a bank for this run must have been built from (its header must hold exactly these)."""
     encoder_weights = Path(encoder_weights)
@@ -110,7 +106,7 @@ def expected_meta(cfg: Config, split: str, encoder_weights: Path) -> dict:
     return {
         "format": FORMAT,
         "split": split,
-        "encoder_sha256": _file_sha256(encoder_weights),
+        "encoder_sha256": sha256_file(encoder_weights),
         "crop_seconds": float(crop_seconds(cfg)),
         "crops": cfg.data.bank.crops,
         "features": dataclasses.asdict(cfg.features),

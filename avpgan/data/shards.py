@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from avpgan import atomic
+from avpgan.atomic import sha256_file
 from avpgan.audio import AudioError, read_audio, remove_silence, to_int16
 from avpgan.config import DataConfig
 from avpgan.data.layout import IngestError, Identity, scan
@@ -266,14 +267,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def encode_shard(job: dict) -> dict:
     """Write one shard (temp name, then rename) and its sidecar; return the sidecar."""
     out, s = _WORKER["out"], _WORKER["settings"]
@@ -303,7 +296,7 @@ def encode_shard(job: dict) -> dict:
             seconds += pcm.size / s["sample_rate"]
     sidecar = {
         "file": job["file"], "plan": job["plan"], "samples": sum(per_identity.values()),
-        "bytes": path.stat().st_size, "sha256": _sha256(path), "seconds": round(seconds, 3),
+        "bytes": path.stat().st_size, "sha256": sha256_file(path), "seconds": round(seconds, 3),
         "identities": dict(sorted(per_identity.items())), "faces_used": sorted(used_faces),
         "skipped": skipped, "converted": converted,
     }
@@ -518,7 +511,7 @@ def check(dir: Path) -> int:
                 errors.append(f"{path}: {last[0] or 'first member'}: tar unreadable here ({e})")
             if n != shard["samples"]:
                 errors.append(f"{path}: {n} samples decoded, manifest says {shard['samples']}")
-            if len(errors) == before and "sha256" in shard and _sha256(path) != shard["sha256"]:
+            if len(errors) == before and "sha256" in shard and sha256_file(path) != shard["sha256"]:
                 errors.append(f"{path}: sha256 differs from the manifest (a tar header or member was altered)")
         total = len(durations)
         if total != info["samples"]:

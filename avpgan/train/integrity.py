@@ -18,7 +18,6 @@ Two guarantees, used by `checkpoint.py`:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -32,23 +31,14 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 import avpgan
+from avpgan.atomic import sha256_file
 
 MARKER = "COMPLETE"
 FORMAT = "avpgan-checkpoint-2"
-_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be loaded: corrupt, incomplete, foreign or unsafe. One line."""
-
-
-def sha256_file(path: Path) -> str:
-    """Streamed, so a multi-GB shard never has to fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(path: Path) -> dict[str, Any]:
