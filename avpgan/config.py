@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,14 +36,6 @@ class BankConfig:
     crops: int = 8  # K crops embedded per utterance
     seconds: float = 0.0  # crop length; 0: data.crop_seconds
     batch_size: int = 64  # crops per encoder batch while building
-
-    def __post_init__(self) -> None:
-        if self.crops < 1:
-            raise ConfigError(f"data.bank.crops: must be at least 1, got {self.crops}")
-        if self.seconds < 0:
-            raise ConfigError(f"data.bank.seconds: must be 0 (data.crop_seconds) or positive, got {self.seconds}")
-        if self.batch_size < 1:
-            raise ConfigError(f"data.bank.batch_size: must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -183,11 +176,6 @@ class GanStageConfig(StageConfig):
     # with a few hundred faces D memorises them without; the paper uses none.
     augment: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        unknown = [op for op in self.augment if op not in AUGMENT_OPS]
-        if unknown:
-            raise ConfigError(f"train.gan.augment: unknown op(s) {unknown}; valid: {list(AUGMENT_OPS)}")
-
 
 @dataclass
 class TrainConfig:
@@ -261,8 +249,9 @@ class Config:
 # refused here, at load time, with the valid range, instead of as a crash hours into a run.
 
 STAGE_NAMES = ("voice", "embedder", "gan", "prior", "restore")  # train/stages.py defines them
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16")  # what Accelerate accepts
 INITS = ("default", "dcgan")
+UPSAMPLES = ("transposed", "resize")
 EMBEDDER_ARCHS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
 
 
@@ -288,7 +277,7 @@ def _betas(v: Any) -> bool:
 
 
 # (key, test, the valid range as the message states it); enums are listed separately.
-_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.sample_rate", _within(4000, 192000), "an integer in [4000, 192000] (Hz)"),
     ("data.crop_seconds", _above(0), "a number > 0 (seconds)"),
     ("data.min_seconds", _at_least(0), "a number >= 0 (seconds)"),
@@ -296,6 +285,9 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.samples_per_shard", _at_least(1), "an integer >= 1"),
     ("data.shuffle_buffer", _at_least(0), "an integer >= 0"),
     ("data.workers", _at_least(0), "an integer >= 0 (0: load in the training process)"),
+    ("data.bank.crops", _at_least(1), "an integer >= 1"),
+    ("data.bank.seconds", _at_least(0), "a number >= 0 (seconds; 0: data.crop_seconds)"),
+    ("data.bank.batch_size", _at_least(1), "an integer >= 1"),
     ("features.n_mels", _at_least(1), "an integer >= 1"),
     ("features.fmin", _at_least(0), "a number >= 0 (Hz)"),
     ("features.win_ms", _above(0), "a number > 0 (ms)"),
@@ -323,11 +315,14 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     (f"train.{stage}.betas", _betas, "two numbers in [0, 1), e.g. [0.5, 0.999]"),
 )]
 
-_CHOICES: list[tuple[str, tuple[str, ...]]] = [
+# Keys whose value is a name from a fixed set; for a list key, every item is.
+CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("train.mixed_precision", MIXED_PRECISION),
+    ("train.stages", STAGE_NAMES),
+    ("train.gan.augment", AUGMENT_OPS),
     ("model.generator.init", INITS),
     ("model.discriminator.init", INITS),
-    ("model.generator.upsample", ("transposed", "resize")),
+    ("model.generator.upsample", UPSAMPLES),
     ("model.embedder.arch", EMBEDDER_ARCHS),
 ]
 
@@ -340,18 +335,20 @@ def _get(cfg: Any, key: str) -> Any:
 
 def validate(cfg: "Config", source: str) -> "Config":
     """Refuse values no run can use, naming the key, the value and the valid range."""
-    for key, ok, valid in _RULES:
+    for key, ok, valid in RULES:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{source}: {key}: {value!r} is out of range; must be {valid}")
-    for key, choices in _CHOICES:
+    for key, choices in CHOICES:
         value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{source}: {key}: {value!r} is not a valid choice; must be one of {', '.join(choices)}")
-    for i, stage in enumerate(cfg.train.stages):
-        if stage not in STAGE_NAMES:
-            raise ConfigError(f"{source}: train.stages[{i}]: {stage!r} is not a stage; must be one of "
-                              f"{', '.join(STAGE_NAMES)}")
+        items = {f"{key}[{i}]": v for i, v in enumerate(value)} if isinstance(value, list) else {key: value}
+        for where, item in items.items():
+            if item not in choices:
+                raise ConfigError(f"{source}: {where}: {item!r} is not a valid choice; must be one of "
+                                  f"{', '.join(choices)}")
+    if cfg.model.voice.mel_bins != cfg.features.n_mels:
+        raise ConfigError(f"{source}: model.voice.mel_bins: {cfg.model.voice.mel_bins} differs from features.n_mels "
+                          f"({cfg.features.n_mels}); the voice encoder reads the log-mel, so both must be the same")
     if cfg.model.generator.embed_dim != cfg.model.voice.embed_dim:
         raise ConfigError(f"{source}: model.generator.embed_dim: {cfg.model.generator.embed_dim} differs from "
                           f"model.voice.embed_dim ({cfg.model.voice.embed_dim}); G's input is the voice embedding, "
@@ -365,6 +362,23 @@ def validate(cfg: "Config", source: str) -> "Config":
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans, true and false only: YAML 1.1 also reads yes/no/on/off as
+    booleans, which would turn the valid `train.mixed_precision=no` into False."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:
@@ -451,7 +465,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': cannot parse value ({e})") from None
     return key.split("."), value
@@ -489,7 +503,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(data, dict):
@@ -509,7 +523,7 @@ def to_yaml(cfg: Any) -> str:
 
 
 def from_yaml_text(text: str, source: str = "<yaml>") -> Config:
-    return validate(_build_named(Config, yaml.safe_load(text) or {}, source), source)
+    return validate(_build_named(Config, _parse_yaml(text) or {}, source), source)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -35,11 +35,21 @@ BAD = {
     "train.mixed_precision=bf17": r"train\.mixed_precision: 'bf17' is not a valid choice; must be one of no, bf16, fp16",
     "model.generator.init=xavier": r"model\.generator\.init: 'xavier' is not a valid choice; must be one of default, dcgan",
     "model.embedder.arch=resnet50": r"model\.embedder\.arch: 'resnet50' is not a valid choice; must be one of iresnet18",
-    "train.stages=[voice,gna]": r"train\.stages\[1\]: 'gna' is not a stage; must be one of voice, embedder, gan, prior, restore",
+    "train.stages=[voice,gna]": r"train\.stages\[1\]: 'gna' is not a valid choice; must be one of voice, embedder, gan, "
+                                r"prior, restore",
+    "train.gan.augment=[color,blur]": r"train\.gan\.augment\[1\]: 'blur' is not a valid choice; must be one of color, "
+                                      r"translation, cutout",
+    "model.generator.upsample=bilinear": r"model\.generator\.upsample: 'bilinear' is not a valid choice; must be one of "
+                                         r"transposed, resize",
+    "model.discriminator.init=orthogonal": r"model\.discriminator\.init: 'orthogonal' is not a valid choice",
+    "tracking.enabled=yes": r"tracking\.enabled: expected true/false, got 'yes'",
+    "data.bank.crops=0": r"data\.bank\.crops: 0 is out of range; must be an integer >= 1",
+    "data.bank.seconds=-1": r"data\.bank\.seconds: -1\.0 is out of range; must be a number >= 0",
     "train.ema_decay=1.0": r"train\.ema_decay: 1\.0 is out of range; must be a number in \[0, 1\)",
     "features.fmax=9000": r"features\.fmax: 9000\.0 is out of range; must be above features\.fmin \(20\.0\) and at most "
                           r"half of data\.sample_rate \(8000\)",
     "model.generator.embed_dim=32": r"model\.generator\.embed_dim: 32 differs from model\.voice\.embed_dim \(64\)",
+    "model.voice.mel_bins=40": r"model\.voice\.mel_bins: 40 differs from features\.n_mels \(64\)",
 }
 
 
@@ -107,3 +117,26 @@ def test_each_stage_has_its_typed_section_and_weights_key():
         cfg.train.stage("gna")
     with pytest.raises(config_mod.ConfigError, match="stage 'restore' has no weights key"):
         cfg.train.weights("restore")
+
+
+def test_the_choices_are_what_the_code_accepts():
+    from avpgan.models import arcface, augment
+
+    assert config_mod.EMBEDDER_ARCHS == tuple(arcface.ARCHS)
+    assert config_mod.AUGMENT_OPS == augment.OPS
+
+
+def test_no_is_a_word_not_false():
+    """YAML 1.1 reads `no` as false; the config reads it as the valid mixed_precision 'no'."""
+    assert config_mod.load(TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert config_mod.load(TINY, ["tracking.enabled=false"]).tracking.enabled is False
+
+
+def test_train_refuses_an_invalid_choice_before_it_starts(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", TINY, f"train.run_dir={run_dir}", "train.mixed_precision=bf17"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"avpgan: config error: {TINY} + overrides: train.mixed_precision: 'bf17' is not a "
+                   "valid choice; must be one of no, bf16, fp16\n")
+    assert not run_dir.exists()
+
