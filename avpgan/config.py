@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
+from avpgan import builtin_configs
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names file and key."""
@@ -494,16 +496,20 @@ def _yaml_where(e: yaml.YAMLError) -> str:
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply CLI overrides."""
+    """Load a YAML config (or the defaults when `path` is None) and apply CLI overrides.
+
+    `path` is a file or the name of a built-in config (avpgan/builtin_configs.py), so that an
+    installed avpgan runs the shipped experiments from any folder."""
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
+        found = builtin_configs.find(path)
+        if found is None:
+            raise ConfigError(f"{path}: config file not found, and no built-in config has that name "
+                              f"(built-in: {', '.join(builtin_configs.names())})")
+        source, text = found
         try:
-            data = _parse_yaml(p.read_text()) or {}
+            data = _parse_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(data, dict):

@@ -134,9 +134,33 @@ def test_no_is_a_word_not_false():
 
 def test_train_refuses_an_invalid_choice_before_it_starts(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--config", TINY, f"train.run_dir={run_dir}", "train.mixed_precision=bf17"]) == 2
+    assert main(["train", "--config", "tiny.yaml", f"train.run_dir={run_dir}", "train.mixed_precision=bf17"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"avpgan: config error: {TINY} + overrides: train.mixed_precision: 'bf17' is not a "
+    assert err == ("avpgan: config error: built-in tiny.yaml + overrides: train.mixed_precision: 'bf17' is not a "
                    "valid choice; must be one of no, bf16, fp16\n")
     assert not run_dir.exists()
 
+
+# -- --config NAME: the built-in configs ---------------------------------------------------------
+
+def test_a_built_in_name_loads_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    shipped = config_mod.load(TINY)
+    assert config_mod.load("tiny.yaml") == shipped and config_mod.load("tiny") == shipped
+    assert config_mod.load("avpgan.yaml").name == "avpgan"
+
+
+def test_a_file_that_exists_wins_over_a_built_in_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text("name: mine\n")
+    assert config_mod.load("tiny.yaml").name == "mine"
+
+
+def test_neither_file_nor_name_is_one_line_listing_the_built_in_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "show", "tiny.yml"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("avpgan: config error: tiny.yml: config file not found, and no built-in config has that name "
+                   "(built-in: avpgan.yaml, avpgan_no_cbam.yaml, tiny.yaml, voice2face.yaml)\n")
+    with pytest.raises(config_mod.ConfigError, match="configs/tiny.yaml: config file not found"):
+        config_mod.load("configs/tiny.yaml")  # a path is never looked up among the built-in names
