@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from avpgan import __version__, builtin_configs, errors
 from avpgan import config as config_mod
-from avpgan import errors
 
 
 def int_at_least(low: int):
@@ -43,14 +43,26 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML experiment config (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.gan.steps=100")
+CONFIG_HELP = "a built-in config's name (avpgan config list) or a YAML file"
+OVERRIDES_HELP = "key.sub=value overrides of the config, e.g. train.gan.steps=100 (avpgan config show prints every key)"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.file, args.overrides)
     print(config_mod.to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    names = builtin_configs.names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {builtin_configs.description(name)}")
     return 0
 
 
@@ -166,99 +178,140 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Ends every flag's help with its default, or says it is required, so that `--help` alone
+    says what a command does when a flag is left out. A flag whose help already names its
+    default (one that is None, or comes from the config) is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return text + " (required)"
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter; subcommands' parsers are of this class too, so they inherit it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose own --help opens with the line the command list shows for it."""
+    return sub.add_parser(name, help=text, description=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avpgan", description=__doc__.splitlines()[0],
-                                     epilog="exit codes: 0 done, 1 an input cannot be used or the command stopped, "
-                                            "2 command line or config error, 3 disk full / read-only / no permission, "
-                                            "130 interrupted (README, Commands)")
+    parser = Parser(prog="avpgan", description="Train AVP-GAN voice portraits (voice -> face), evaluate them, "
+                                               "and make faces from voices.",
+                    epilog="exit codes: 0 done, 1 an input cannot be used or the command stopped, "
+                           "2 command line or config error, 3 disk full / read-only / no permission, "
+                           "130 interrupted")
+    parser.add_argument("--version", action="version", version=f"avpgan {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of every error (input errors are otherwise one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="inspect experiment configs")
+    p = _command(sub, "config", "list and show experiment configs")
     csub = p.add_subparsers(dest="config_command", required=True)
-    q = csub.add_parser("show", help="print the fully resolved config")
-    q.add_argument("file", help="configs/X.yaml")
-    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q = _command(csub, "list", "list the built-in configs, each with what it is for")
+    q.set_defaults(func=cmd_config_list)
+    q = _command(csub, "show", "print the fully resolved config (every key, overrides applied)")
+    q.add_argument("file", help=CONFIG_HELP)
+    q.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     q.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("synth", help="generate the SynthVox voice/face data set")
+    p = _command(sub, "synth", "generate the SynthVox voice/face data set")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--identities", type=int, required=True)
-    p.add_argument("--utterances-per-id", type=int, default=8)
-    p.add_argument("--faces-per-id", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--identities", type=int, required=True, help="number of speakers, each with a voice and a face")
+    p.add_argument("--utterances-per-id", type=int, default=8, help="voice recordings per identity")
+    p.add_argument("--faces-per-id", type=int, default=6, help="face pictures per identity")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw: a seed always makes the same data")
+    p.add_argument("--workers", type=int, default=2, help="processes writing the files")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("shards", help="build or check WebDataset shards")
+    p = _command(sub, "shards", "build or check WebDataset shards")
     ssub = p.add_subparsers(dest="shards_command", required=True)
-    q = ssub.add_parser("build", help="pack VoxCeleb1-layout voices and VGGFace-layout faces into shards")
+    q = _command(ssub, "build", "pack VoxCeleb1-layout voices and VGGFace-layout faces into shards")
     q.add_argument("--voxceleb", required=True, help="folder holding the idNNNNN folders (VoxCeleb1 wav/)")
     q.add_argument("--vggface", required=True, help="folder holding one folder per VGGFace1 name")
     q.add_argument("--meta", required=True, help="vox1_meta.csv (tab-separated)")
     q.add_argument("--out", required=True, help="output folder for {train,val,test}-NNNNNN.tar")
-    q.add_argument("--samples-per-shard", type=int, default=0, help="default: data.samples_per_shard")
-    q.add_argument("--workers", type=int, default=2)
-    q.add_argument("--config", default=None, help="config whose data/features sections apply")
-    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.add_argument("--samples-per-shard", type=int, default=0,
+                   help="samples per tar file; 0: the config's data.samples_per_shard")
+    q.add_argument("--workers", type=int, default=2, help="processes decoding voices and faces")
+    q.add_argument("--config", default=None,
+                   help=f"{CONFIG_HELP}, whose data and features sections apply (default: the paper's settings, "
+                        f"as avpgan.yaml)")
+    q.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     q.set_defaults(func=cmd_shards_build)
-    q = ssub.add_parser("check", help="decode every sample and verify the manifest")
-    q.add_argument("dir")
+    q = _command(ssub, "check", "decode every sample and verify the manifest")
+    q.add_argument("dir", help="shard folder (the --out of shards build)")
     q.set_defaults(func=cmd_shards_check)
 
-    p = sub.add_parser("bank", help="the GAN stage's voice-embedding bank")
+    p = _command(sub, "bank", "the GAN stage's voice-embedding bank")
     bsub = p.add_subparsers(dest="bank_command", required=True)
-    q = bsub.add_parser("build", help="embed every train/val utterance once with the run's frozen voice encoder "
-                                      "(RUN/bank/); rebuilds a bank that no longer fits the config")
+    q = _command(bsub, "build", "embed every train/val utterance once with the run's frozen voice encoder "
+                                "(RUN/bank/); rebuilds a bank that no longer fits the config")
     _add_config_args(q)
     q.set_defaults(func=cmd_bank_build)
 
-    p = sub.add_parser("train", help="train the configured stages (resumes automatically)")
+    p = _command(sub, "train", "train the configured stages (resumes automatically)")
     _add_config_args(p)
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint of the run, default) | never | a checkpoint directory")
+                   help="auto: from the run's newest complete checkpoint, if any; never: start over; "
+                        "or a checkpoint directory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a single-file inference bundle (safetensors) from a run")
+    p = _command(sub, "export", "write a single-file inference bundle (safetensors) from a run")
     p.add_argument("run", help="run directory (train.run_dir)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-voice2face", help="convert Voice2Face's voice_embedding.pth or generator.pth to "
-                                                 "safetensors (docs/voice2face_weights.md)")
+    p = _command(sub, "import-voice2face", "convert Voice2Face's voice_embedding.pth or generator.pth to "
+                                           "safetensors")
     p.add_argument("src", help="a Voice2Face state dict (.pth)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--kind", choices=("auto", "voice", "generator"), default="auto",
-                   help="auto: voice when the file holds batch-norm statistics, else generator")
+                   help="what the file holds; auto: voice when it has batch-norm statistics, else generator")
     p.set_defaults(func=cmd_import_voice2face)
 
-    p = sub.add_parser("evaluate", help="face cosine similarity (eq. 15), retrieval and probes on a shard split")
+    p = _command(sub, "evaluate", "face cosine similarity (the paper's eq. 15), retrieval and attribute probes "
+                                  "on a shard split")
     p.add_argument("model", help="bundle file (avpgan export) or run directory")
     p.add_argument("--shards", default=None, help="shard folder (default: the model config's data.shards)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seconds", type=positive_float, nargs="+", default=[4.0, 8.0], help="voice lengths to evaluate")
+    p.add_argument("--split", default="test", help="shard split whose identities are evaluated: train, val or test")
+    p.add_argument("--seconds", type=positive_float, nargs="+", default=[4.0, 8.0],
+                   help="voice lengths to evaluate, in seconds")
     p.add_argument("--embedder", default="bundle",
-                   help="bundle (the run's ArcFace, default) | dlib | PATH to arcface_torch IResNet-50/100 .pth")
-    p.add_argument("--attributes", default=None, help="SynthVox attributes.csv: probe hidden attributes")
-    p.add_argument("--out", default=None, help="results JSON file")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+                   help="face embedder that scores the faces: bundle (the run's own ArcFace), dlib, or the PATH "
+                        "of an arcface_torch IResNet-50/100 .pth")
+    p.add_argument("--attributes", default=None,
+                   help="SynthVox attributes.csv: also probe the hidden attributes (default: no probes)")
+    p.add_argument("--out", default=None, help="results JSON file (default: results are printed only)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="utterances per batch")
     p.add_argument("--group-size", type=int_at_least(2), default=100,
-                   help="identities per retrieval group, the true one included (SF2F: 100)")
+                   help="identities per retrieval group, the true one included, as in SF2F's protocol")
     p.add_argument("--seed", type=int, default=0, help="seed of the retrieval groups")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("generate", help="faces from voice recordings with an exported model")
+    p = _command(sub, "generate", "faces from voice recordings with an exported model")
     p.add_argument("model", help="bundle file (avpgan export) or run directory")
     p.add_argument("voices", nargs="+", help="audio files (wav, flac, ogg, mp3, ...; any rate, mono or stereo)")
     p.add_argument("--out", required=True, help="output folder for the PNG faces")
     p.add_argument("--seconds", type=positive_float, default=None,
-                   help="clip length (default: the model's training crop); longer files: mean over windows")
-    p.add_argument("--no-restore", action="store_true", help="skip the restoration model")
+                   help="clip length in seconds; a longer file gives the mean over its windows "
+                        "(default: the model's training crop)")
+    p.add_argument("--no-restore", action="store_true", help="skip the restoration model: write the GAN's faces")
     p.add_argument("--grid", action="store_true", help="also write grid.png with every face")
     p.add_argument("--real", nargs="+", default=None, metavar="IMAGE",
-                   help="one picture of each speaker, in the order of the voices: shown above its generated face in grid.png")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+                   help="one picture of each speaker, in the order of the voices: shown above its generated face "
+                        "in grid.png (default: none)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="voices per batch")
     p.set_defaults(func=cmd_generate)
 
     return parser

@@ -76,8 +76,11 @@ def test_the_wheel_holds_every_module_and_config(venv, elsewhere):
 
 
 def test_installed_command_shows_a_built_in_config_by_name(venv, elsewhere):
-    shown = run([venv / "bin" / "avpgan", "config", "show", "avpgan.yaml"], cwd=elsewhere).stdout
+    avpgan = venv / "bin" / "avpgan"
+    assert run([avpgan, "--version"], cwd=elsewhere).stdout.startswith("avpgan ")
+    shown = run([avpgan, "config", "show", "avpgan.yaml"], cwd=elsewhere).stdout
     assert shown.startswith("name: avpgan\n") and "batch_size: 128" in shown
+    assert "tiny.yaml" in run([avpgan, "config", "list"], cwd=elsewhere).stdout
 
 
 @pytest.fixture(scope="module")
