@@ -44,7 +44,7 @@ def positive_float(text: str) -> float:
 
 
 CONFIG_HELP = "a built-in config's name (avpgan config list) or a YAML file"
-OVERRIDES_HELP = "key.sub=value overrides of the config, e.g. train.gan.steps=100 (avpgan config show prints every key)"
+OVERRIDES_HELP = "key.sub=value overrides of the config, e.g. train.gan.steps=100 (avpgan config doc lists every key)"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,13 @@ def cmd_config_list(args: argparse.Namespace) -> int:
     width = max(map(len, names))
     for name in names:
         print(f"{name:<{width}}  {builtin_configs.description(name)}")
+    return 0
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    from avpgan import config_doc
+
+    print(config_doc.render(), end="")
     return 0
 
 
@@ -216,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of every error (input errors are otherwise one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _command(sub, "config", "list and show experiment configs")
+    p = _command(sub, "config", "list, show and document experiment configs")
     csub = p.add_subparsers(dest="config_command", required=True)
     q = _command(csub, "list", "list the built-in configs, each with what it is for")
     q.set_defaults(func=cmd_config_list)
@@ -224,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", help=CONFIG_HELP)
     q.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     q.set_defaults(func=cmd_config_show)
+    q = _command(csub, "doc", "print the reference of every config key (type, default, valid values, purpose) "
+                              "as Markdown")
+    q.set_defaults(func=cmd_config_doc)
 
     p = _command(sub, "synth", "generate the SynthVox voice/face data set")
     p.add_argument("--out", required=True, help="output folder")

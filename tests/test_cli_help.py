@@ -12,7 +12,7 @@ import pytest
 from avpgan import builtin_configs
 from avpgan.cli import build_parser, main
 
-COMMANDS = {("config", "list"), ("config", "show"), ("synth",), ("shards", "build"),
+COMMANDS = {("config", "list"), ("config", "show"), ("config", "doc"), ("synth",), ("shards", "build"),
             ("shards", "check"), ("bank", "build"), ("train",), ("export",), ("import-voice2face",),
             ("evaluate",), ("generate",)}
 
