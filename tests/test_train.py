@@ -132,6 +132,13 @@ def test_resume_on_other_world_size(tiny_shards, tmp_path):
     gan = load_file(str(run_dir / "gan" / "model.safetensors"))
     assert gan and all(t.isfinite().all() for t in gan.values() if t.is_floating_point())
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    # RUN/train.log: the killed session's lines, then the resumed one's (appended), to the bundle
+    log = (run_dir / "train.log").read_text()
+    assert log.count("avpgan train ") == 2 and log.index("2 process(es)") < log.index("1 process(es)")
+    assert f"run directory: {run_dir.resolve()}" in log and "MLflow: off" in log
+    assert "[gan] step 8/8 (100%" in log and "resumed from" in log
+    assert f"exported bundle: {(run_dir / 'model.safetensors').resolve()}" in log
+    assert "exported bundle:" in p.stdout
 
 
 def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):

@@ -74,6 +74,17 @@ def sqlite_artifact_root(uri: str) -> str | None:
     return (db.parent / "mlruns").resolve().as_posix()
 
 
+def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """How to look at a run: its page on a tracking server, or the `mlflow ui` command for a
+    local store (with job execution off, so that no worker processes stay behind after Ctrl-C)."""
+    if uri.startswith(("http://", "https://")):
+        if experiment_id and run_id:
+            return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return uri
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} --port 5000 "
+            "(then open http://127.0.0.1:5000)")
+
+
 def _set_http_defaults(cfg: TrackingConfig) -> None:
     """MLflow's own defaults (120 s timeout, 7 retries with backoff) would stall a send for
     minutes per attempt; our queue retries anyway. The user's environment wins."""
@@ -159,6 +170,7 @@ class Tracker:
         self._dropping_warned = False
         self._warned: set[str] = set()
         self._client = None
+        self.experiment_id: str | None = None
         self._run_name: str | None = None
         self._resumed = False
         self._existing_params: dict[str, str] = {}
@@ -429,6 +441,7 @@ class Tracker:
             experiment_id = self._experiment(client)
             run = client.create_run(experiment_id, run_name=self._run_name, tags=_source_tags())
             self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
         self._client = client
         self._save_run_id()
         if self.cfg.system_metrics:
