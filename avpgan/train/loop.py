@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_status(run_dir: Path, **status) -> None:
-    """RUN/status.json tells the batch script whether to requeue (finished | preempted | failed)."""
+    """RUN/status.json tells the batch script whether to requeue (finished | preempted | interrupted | failed)."""
     atomic.write_text(run_dir / "status.json", json.dumps(status))
 
 
@@ -137,6 +137,7 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
     announce_tracking(acc, tracker)
     attach_node_monitors(acc, tracker)
     global_step = 0
+    stopped_in = None  # the stage a stop signal (preemption, Ctrl-C) ended, after its checkpoint
     try:
         for name in cfg.train.stages:
             stage_cls = STAGES[name]
@@ -148,17 +149,31 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
                 continue
             outcome = run_stage(cfg, stage_cls, acc, tracker, run_dir, global_step, resume)
             if outcome == "preempted":
-                if acc.is_main_process:
-                    write_status(run_dir, state="preempted", stage=name)
-                tracker.finish(status="KILLED")
-                shutdown(acc)
-                return run_dir
+                stopped_in = name
+                break
             global_step += steps
     except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
         if acc.is_main_process:
             write_failed_status(run_dir, name)
         tracker.finish(status="FAILED")
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: out now; the newest checkpoint is where a rerun resumes
+        if acc.is_main_process:
+            write_status(run_dir, state="interrupted", stage=name)
+        tracker.finish(status="KILLED", timeout_s=5)
+        raise
+    if stopped_in is not None:
+        # Ctrl-C is the user's own stop: "interrupted", which the SLURM scripts do not requeue, and exit 130.
+        interrupted = preempt.reason() == "SIGINT"
+        if acc.is_main_process:
+            write_status(run_dir, state="interrupted" if interrupted else "preempted", stage=stopped_in)
+        tracker.finish(status="KILLED")
+        shutdown(acc)
+        if interrupted:
+            raise TrainingStopped(f"[{stopped_in}] interrupted (Ctrl-C); checkpoint saved in "
+                                  f"{run_dir / stopped_in / 'checkpoints'}; run the same command to resume",
+                                  exit_code=errors.EXIT_INTERRUPTED)
+        return run_dir
     if acc.is_main_process:
         log_bundle(run_dir, tracker)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
@@ -333,7 +348,8 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
                 break
             if preempt.should_stop(acc):
                 save(step)
-                progress.say(f"[{name}] preempted at step {step}, checkpoint saved")
+                why = "interrupted (Ctrl-C)" if preempt.reason() == "SIGINT" else "preempted"
+                progress.say(f"[{name}] {why} at step {step}, checkpoint saved")
                 return "preempted"
             if step % cfg.train.checkpoint_every == 0:
                 save(step)

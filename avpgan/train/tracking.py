@@ -257,11 +257,12 @@ class Tracker:
                                 timeout_s)
             return not self._queue and self._inflight is None
 
-    def finish(self, status: str = "FINISHED") -> dict[str, int]:
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> dict[str, int]:
         """End the run (FINISHED | FAILED | KILLED) after sending what is queued.
 
-        Waits up to finish_timeout_s while the store takes items; gives up at once when it is
-        unreachable. Returns {kind: items not logged}, which is also logged as a warning.
+        Waits up to `timeout_s` (default finish_timeout_s) while the store takes items; gives up
+        at once when it is unreachable. Returns {kind: items not logged}, which is also logged
+        as a warning.
         """
         self._stop_node_monitors()
         if not self.active or self._finished:
@@ -275,7 +276,7 @@ class Tracker:
             self._closing = True
             self._cond.notify_all()
         self._wake.set()
-        self._thread.join(self.cfg.finish_timeout_s)
+        self._thread.join(self.cfg.finish_timeout_s if timeout_s is None else timeout_s)
         return self._report()
 
     def attach_node_monitor(self, run_id: str, node_id: str) -> bool:
