@@ -26,6 +26,7 @@ import logging
 import os
 import posixpath
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -72,6 +73,50 @@ def sqlite_artifact_root(uri: str) -> str | None:
         return None
     db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     return (db.parent / "mlruns").resolve().as_posix()
+
+
+def repoint_moved_store(uri: str) -> int:
+    """Make a moved or copied sqlite store point at its own artifacts again; returns rows changed.
+
+    MLflow records artifact locations as absolute paths: `/old/RUN/mlruns` for the experiment,
+    `/old/RUN/mlruns/<run>/artifacts` for each run, `.../models/<id>/artifacts` for logged models.
+    After `mv /old/RUN /new/RUN` (or a copy to another machine) the store would still serve, and
+    a resumed run still write, artifacts at the old place. This project always keeps artifacts in
+    `mlruns/` beside the .db file, so any location of that form under another directory is
+    rewritten to the store's own `mlruns/`. A store that never moved is left as it is."""
+    root = sqlite_artifact_root(uri)
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0]) if root else None
+    if db is None or not db.is_file():
+        return 0
+    changed = 0
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:  # one transaction
+            changed = _repoint(con, root)
+    finally:
+        con.close()
+    if changed:
+        log.warning("MLflow store %s was moved: its artifact locations now point at %s", db, root)
+    return changed
+
+
+def _repoint(con: sqlite3.Connection, root: str) -> int:
+    """Rewrite every `<dir>/mlruns` location other than `root` (and what lies under it) to `root`."""
+    tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "experiments" not in tables:
+        return 0
+    old_roots = {loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                 if loc and loc.removeprefix("file://").endswith("/mlruns") and loc.removeprefix("file://") != root}
+    changed = 0
+    for old in old_roots:
+        changed += con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?",
+                               (root, old)).rowcount
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            if table in tables:  # logged_models: MLflow 3
+                changed += con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (root, len(old) + 1, len(old) + 1, old + "/")).rowcount
+    return changed
 
 
 def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
@@ -424,6 +469,8 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        if self.uri.startswith("sqlite:///"):
+            repoint_moved_store(self.uri)
         client = MlflowClient(self.uri)
         if self.run_id:
             try:
