@@ -303,3 +303,38 @@ def test_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     tracker.finish()
     assert (tmp_path / "runs" / "mlruns" / run_id / "artifacts" / "config.yaml").is_file()
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_reproducibility_tags_and_description(tmp_path, monkeypatch):
+    import accelerate
+    import torch
+
+    import avpgan
+    from avpgan.train.tracking import _git_state, reproducibility_tags
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
+    tags = reproducibility_tags(world_size=16, device="cuda (H100)", mixed_precision="bf16")
+    tags["mlflow.note.content"] = "avpgan, config `tiny`"
+    tracker = Tracker(TrackingConfig(system_metrics=False), tmp_path / "run", is_main=True)
+    run_id = tracker.start({"a": 1}, "a: 1\n", "tagged", tags=tags)
+    assert tracker.finish() == {}
+
+    got = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").get_run(run_id).data.tags
+    assert got["avpgan.version"] == avpgan.__version__
+    assert got["avpgan.torch_version"] == torch.__version__
+    assert got["avpgan.accelerate_version"] == accelerate.__version__
+    assert got["avpgan.mlflow_version"] == mlflow.__version__
+    assert (got["avpgan.world_size"], got["avpgan.device"], got["avpgan.mixed_precision"]) == ("16", "cuda (H100)", "bf16")
+    assert (got["avpgan.slurm_job_id"], got["avpgan.slurm_nodelist"]) == ("4242", "gpu[01-02]")
+    assert got["mlflow.note.content"] == "avpgan, config `tiny`"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(avpgan.__file__).parent)
+    if head.returncode == 0:  # the suite runs from a git checkout
+        assert got["avpgan.git_commit"] == head.stdout.strip()
+        assert got["avpgan.git_dirty"] in ("true", "false")
+    # Not a git checkout (an installed wheel): no commit, and no failure.
+    assert _git_state(tmp_path) == (None, False)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    assert not any(k.startswith("avpgan.slurm") for k in reproducibility_tags(1, "cpu", "no"))

@@ -214,6 +214,8 @@ def test_moved_run_directory_resumes_with_its_artifacts(tiny_shards, tmp_path):
     client = MlflowClient(f"sqlite:///{new / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["avpgan.world_size"] == "1" and run.data.tags["avpgan.device"] == "cpu"
+    assert run.data.tags["mlflow.note.content"].startswith("avpgan, config `tiny`: voice (4 steps) -> gan (8 steps)")
     assert run.info.artifact_uri.removeprefix("file://").startswith(str(new.resolve()))
     top = {f.path for f in client.list_artifacts(run_id)}
     assert {"config.yaml", "images", "model"} <= top

@@ -32,7 +32,7 @@ from avpgan.config import Config
 from avpgan.train import checkpoint, console, preempt
 from avpgan.train.runlock import RunLock, RunLocked
 from avpgan.train.stages import STAGES, Stage
-from avpgan.train.tracking import Tracker, ui_hint
+from avpgan.train.tracking import Tracker, reproducibility_tags, ui_hint
 
 
 class TrainingStopped(RuntimeError):
@@ -133,7 +133,8 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
               f"{acc.num_processes} process(es) on {acc.device.type}")
     acc.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")
     tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
-    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name)
+    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name,
+                  tags=run_tags(cfg, acc, run_dir) if tracker.active else None)
     announce_tracking(acc, tracker)
     attach_node_monitors(acc, tracker)
     global_step = 0
@@ -180,6 +181,16 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
     tracker.finish()
     shutdown(acc)
     return run_dir
+
+
+def run_tags(cfg: Config, acc: Accelerator, run_dir: Path) -> dict[str, str]:
+    """The MLflow run's tags: how to reproduce it, and a description the UI shows on the run page."""
+    device = acc.device.type
+    if device == "cuda":
+        device += f" ({torch.cuda.get_device_name(acc.device)})"
+    stages = " -> ".join(f"{s} ({cfg.train.stage(s).steps} steps)" for s in cfg.train.stages)
+    return {**reproducibility_tags(acc.num_processes, device, cfg.train.mixed_precision),
+            "mlflow.note.content": f"avpgan, config `{cfg.name}`: {stages}; run directory `{run_dir.resolve()}`"}
 
 
 def announce_tracking(acc: Accelerator, tracker: Tracker) -> None:

@@ -10,7 +10,9 @@ full the oldest metric step or image is dropped (params, config, artifacts and t
 never dropped). `finish()` waits for the queue and says what never reached MLflow, per kind.
 
 What lands in the run: the flattened config as params (once: on resume only new keys; MLflow
-cannot change a param), the config as `config.yaml`, one `log_batch` per log step, sample grids
+cannot change a param), the config as `config.yaml`, tags that say how to run it again
+(`reproducibility_tags`: versions, git commit, world size, device, SLURM job; set again on
+every resume, so they describe the latest session) and a description, one `log_batch` per log step, sample grids
 as image time series, files such as the exported model as artifacts, and `system/*` metrics of
 rank 0's node (other nodes may add theirs with `attach_node_monitor`).
 
@@ -27,6 +29,7 @@ import os
 import posixpath
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter, deque
@@ -53,8 +56,46 @@ WORKER_NAME = "avpgan-mlflow"
 
 @dataclass
 class _Item:
-    kind: str  # params | config | metrics | images | artifacts | end
+    kind: str  # params | config | tags | metrics | images | artifacts | end
     payload: Any
+
+
+def reproducibility_tags(world_size: int, device: str, mixed_precision: str) -> dict[str, str]:
+    """What a reader needs to run this run again the same way: the versions of avpgan and of the
+    libraries that decide its numbers, the code's git commit (when the package is a git checkout;
+    `avpgan.git_dirty` says whether it had uncommitted changes), how many processes on which
+    device with which precision, and the SLURM job and nodes (when there is one)."""
+    import accelerate
+    import mlflow
+    import torch
+
+    import avpgan
+
+    tags = {"avpgan.version": avpgan.__version__, "avpgan.torch_version": torch.__version__,
+            "avpgan.accelerate_version": accelerate.__version__, "avpgan.mlflow_version": mlflow.__version__,
+            "avpgan.world_size": str(world_size), "avpgan.device": device,
+            "avpgan.mixed_precision": mixed_precision}
+    commit, dirty = _git_state(Path(avpgan.__file__).resolve().parent)
+    if commit:
+        tags["avpgan.git_commit"] = commit
+        tags["avpgan.git_dirty"] = str(dirty).lower()
+    for env, key in (("SLURM_JOB_ID", "avpgan.slurm_job_id"), ("SLURM_JOB_NODELIST", "avpgan.slurm_nodelist")):
+        if os.environ.get(env):
+            tags[key] = os.environ[env]
+    return tags
+
+
+def _git_state(folder: Path) -> tuple[str | None, bool]:
+    """(HEAD commit, uncommitted changes?) of the git checkout holding `folder`; (None, False)
+    when it is no checkout (an installed wheel) or git is missing or slow."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit or None, bool(status.strip())
 
 
 def resolve_uri(cfg: TrackingConfig, run_dir: Path) -> str:
@@ -226,8 +267,9 @@ class Tracker:
     # ------------------------------------------------------------------------------------------
     # The training loop's side: cheap, never raises.
 
-    def start(self, params: dict[str, Any], config_yaml: str, run_name: str | None = None) -> str | None:
-        """Queue params and config, start sending, wait up to start_timeout_s for the run to exist.
+    def start(self, params: dict[str, Any], config_yaml: str, run_name: str | None = None,
+              tags: dict[str, str] | None = None) -> str | None:
+        """Queue params, config and tags, start sending, wait up to start_timeout_s for the run to exist.
 
         Returns the run id, or None when the tracking store is not reachable yet (training goes on;
         the run is created when it comes back) or on ranks that do not track.
@@ -240,6 +282,8 @@ class Tracker:
         self._run_name = run_name or self.cfg.run_name or None
         self._put("params", clean_params(params))
         self._put("config", config_yaml)
+        if tags:
+            self._put("tags", {clean_key(k): str(v) for k, v in tags.items()})
         self._thread = threading.Thread(target=self._work, name=WORKER_NAME, daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
@@ -520,7 +564,7 @@ class Tracker:
             log.warning("MLflow: cannot write %s/mlflow_run_id: %s", self.run_dir, e)
 
     def _send(self, item: _Item) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         client, run_id = self._client, self.run_id
         if item.kind == "params":
@@ -543,6 +587,8 @@ class Tracker:
         elif item.kind == "config":
             if self._config_name:
                 client.log_text(run_id, item.payload, self._config_name)
+        elif item.kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item.payload.items()], synchronous=True)
         elif item.kind == "metrics":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in item.payload]
             for i in range(0, len(metrics), METRICS_PER_BATCH):
