@@ -92,10 +92,12 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     run_dir = Path(cfg.train.run_dir)
     acc = make_accelerator(cfg)
     lock = hold_run_lock(acc, run_dir)
+    handlers = preempt.install()
     try:
         with console.copy_output_to(run_dir / "train.log" if acc.is_main_process else None):
             return _train(cfg, resume, acc, run_dir)
     finally:
+        preempt.restore(handlers)
         if lock is not None:
             lock.release()
 
@@ -128,7 +130,6 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     acc.wait_for_everyone()
-    preempt.install()
     acc.print(f"avpgan train {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC on {socket.gethostname()}, "
               f"{acc.num_processes} process(es) on {acc.device.type}")
     acc.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")

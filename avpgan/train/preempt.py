@@ -43,10 +43,18 @@ def _handler(signum: int, frame: Any) -> None:
                     b"(Ctrl-C again stops at once, without saving)\n")
 
 
-def install(signals: tuple[int, ...] = SIGNALS) -> None:
-    """Route SIGUSR1, SIGTERM and SIGINT to the flag. Call once, from the main thread, before training."""
-    for sig in signals:
-        signal.signal(sig, _handler)
+def install(signals: tuple[int, ...] = SIGNALS) -> dict[int, Any]:
+    """Route SIGUSR1, SIGTERM and SIGINT to the flag, forgetting any earlier request. Call from the
+    main thread before training; returns the handlers it replaced, for `restore`."""
+    reset()
+    return {sig: signal.signal(sig, _handler) for sig in signals}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers `install` replaced: after `train()` returns inside a longer-lived
+    program (a notebook, the test suite), Ctrl-C interrupts it as before."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def stop_file() -> str | None:
