@@ -118,6 +118,12 @@ def prepare(path: Path, sample_rate: int, seconds: float, top_db: float) -> Voic
         raise  # already names the file and the problem
     except Exception as e:  # a decoder choking on garbage must not end the whole batch
         raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
+    return clips_of(y, path, sample_rate, seconds, top_db)
+
+
+def clips_of(y: np.ndarray, path: Path, sample_rate: int, seconds: float, top_db: float) -> Voice:
+    """Mono float audio at the model's rate -> its S-second clips (`path` names it in errors).
+    The MLflow model (avpgan/mlflow_model.py) hands waveforms in here directly."""
     if y.size == 0:
         raise AudioError(f"{path}: no audio samples", "empty audio")
     voiced = remove_silence(y, top_db)
@@ -211,7 +217,7 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
                 log(f"skipped {e}")
         if not ready:
             continue
-        face, restored, took = _faces(net, ready, batch_size, restore, seed=first)
+        face, restored, took = faces_of(net, ready, batch_size, restore, seed=first)
         report.seconds_model += took
         if grid:
             shown.append((face, restored))
@@ -240,8 +246,8 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
     return report
 
 
-def _faces(net: VoiceToFace, ready: list[Voice], batch_size: int, restore: bool,
-           seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def faces_of(net: VoiceToFace, ready: list[Voice], batch_size: int, restore: bool,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """All windows of these files through the voice encoder in batches, one embedding per file
     (the normalised mean of its windows'), then the faces: (CPU faces, CPU restored, seconds)."""
     t0 = time.perf_counter()

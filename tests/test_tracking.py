@@ -338,3 +338,46 @@ def test_reproducibility_tags_and_description(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.delenv("SLURM_JOB_NODELIST")
     assert not any(k.startswith("avpgan.slurm") for k in reproducibility_tags(1, "cpu", "no"))
+
+
+def test_trained_run_logs_a_pyfunc_model_that_makes_the_generate_faces(synthvox_dir, tiny_shards, tmp_path_factory,
+                                                                       tmp_path):
+    """The training run's bundle is an MLflow Model in its local store: listed as the run's logged
+    model, loadable with mlflow.pyfunc, and its predict gives the faces `avpgan generate` makes."""
+    import soundfile as sf
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from PIL import Image
+
+    from avpgan.generate import generate
+    from test_evaluate import tiny_model
+
+    run = tiny_model(tiny_shards, tmp_path_factory)  # trained in-process with a sqlite store
+    uri = f"sqlite:///{run / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = (run / "mlflow_run_id").read_text()
+    info = client.get_run(run_id)
+    (model,) = client.search_logged_models(experiment_ids=[info.info.experiment_id])
+    assert model.name == "avpgan" and model.source_run_id == run_id and str(model.status) == "READY"
+    assert [o.model_id for o in info.outputs.model_outputs] == [model.model_id]
+
+    wav = sorted((synthvox_dir / "voxceleb1" / "wav").rglob("*.wav"))[:1]
+    wave, rate = sf.read(wav[0], dtype="float32")
+    assert rate == 16000
+    with _use_tracking_uri(uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+        again = mlflow.pyfunc.load_model(f"runs:/{run_id}/avpgan")
+    sig = pyfunc.metadata.signature
+    (inp,), (out,) = sig.inputs.inputs, sig.outputs.inputs
+    assert (inp.type, tuple(inp.shape)) == (np.dtype(np.float32), (-1, -1))
+    assert (out.type, tuple(out.shape)) == (np.dtype(np.uint8), (-1, -1, -1, 3))
+
+    faces = pyfunc.predict(wave[None])
+    plain = again.predict(np.stack([wave, wave]), params={"restore": False})
+    assert faces.dtype == np.uint8 and faces.shape == (1, 64, 64, 3)  # tiny config: restored at 64 px
+    assert plain.shape == (2, 64, 64, 3) and np.array_equal(plain[0], plain[1])
+    # The same faces as `avpgan generate` makes from the file
+    generate(run / "model.safetensors", [wav[0]], tmp_path, log=lambda line: None)
+    np.testing.assert_array_equal(faces[0], np.asarray(Image.open(tmp_path / f"{wav[0].stem}_64_restored.png")))
+    np.testing.assert_array_equal(plain[0], np.asarray(Image.open(tmp_path / f"{wav[0].stem}_64.png")))
+    with pytest.raises(Exception, match="voice 0"):  # silence: the row is named
+        pyfunc.predict(np.zeros((1, 16000), np.float32))

@@ -177,7 +177,7 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
                                   exit_code=errors.EXIT_INTERRUPTED)
         return run_dir
     if acc.is_main_process:
-        log_bundle(run_dir, tracker)
+        log_bundle(run_dir, tracker, global_step)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
     shutdown(acc)
@@ -206,14 +206,16 @@ def announce_tracking(acc: Accelerator, tracker: Tracker) -> None:
     acc.print(f"MLflow UI: {ui_hint(tracker.uri, tracker.experiment_id, tracker.run_id)}")
 
 
-def log_bundle(run_dir: Path, tracker: Tracker) -> None:
-    """When the run has what inference needs (voice + gan), export RUN/model.safetensors and log it."""
+def log_bundle(run_dir: Path, tracker: Tracker, step: int) -> None:
+    """When the run has what inference needs (voice + gan), export RUN/model.safetensors and log it,
+    as a file and as an MLflow Model (with the run's metrics at `step`, the last global step)."""
     if not ((run_dir / "voice" / "model.safetensors").exists() and (run_dir / "gan" / "model.safetensors").exists()):
         return
     out = run_dir / "model.safetensors"
     bundle.export(run_dir, out)
     print(f"exported bundle: {out.resolve()}  (avpgan generate {out} VOICE.wav --out faces/)")
     tracker.log_artifact(out, "model")
+    tracker.log_model(out, step)
 
 
 def shutdown(acc: Accelerator) -> None:

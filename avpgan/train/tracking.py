@@ -56,7 +56,7 @@ WORKER_NAME = "avpgan-mlflow"
 
 @dataclass
 class _Item:
-    kind: str  # params | config | tags | metrics | images | artifacts | end
+    kind: str  # params | config | tags | metrics | images | artifacts | model | end
     payload: Any
 
 
@@ -257,6 +257,7 @@ class Tracker:
         self._warned: set[str] = set()
         self._client = None
         self.experiment_id: str | None = None
+        self.model_uri: str | None = None  # the logged MLflow Model, once sent
         self._run_name: str | None = None
         self._resumed = False
         self._existing_params: dict[str, str] = {}
@@ -334,6 +335,14 @@ class Tracker:
                 self.not_logged["artifacts"] += 1
             return
         self._put("artifacts", (str(path.resolve()), artifact_path))
+
+    def log_model(self, bundle_path: Path, step: int) -> None:
+        """Log an exported bundle as the run's MLflow Model (avpgan/mlflow_model.py): it shows
+        under the run's logged models and `mlflow.pyfunc.load_model(uri).predict(waveforms)`
+        makes faces. `self.model_uri` holds its models:/ URI once sent."""
+        if not self.active or self._finished:
+            return
+        self._put("model", (str(Path(bundle_path).resolve()), int(step)))
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued so far is sent (or refused); False if that did not happen
@@ -599,6 +608,12 @@ class Tracker:
         elif item.kind == "artifacts":
             path, artifact_path = item.payload
             client.log_artifact(run_id, path, artifact_path)
+        elif item.kind == "model":
+            from avpgan.mlflow_model import log_bundle_model
+
+            path, step = item.payload
+            self.model_uri = log_bundle_model(self.uri, self.experiment_id, run_id, Path(path), step)
+            log.info("MLflow run %s: model %s", run_id, self.model_uri)
         elif item.kind == "end":
             if self._monitor is not None:
                 self._stop_monitor(self._monitor)
