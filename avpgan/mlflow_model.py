@@ -34,6 +34,10 @@ NAME = "avpgan"  # the logged model's name, also its path in `runs:/<run id>/avp
 class VoicesToFaces(mlflow.pyfunc.PythonModel):
     """predict(float32 [B, S] waveforms) -> uint8 [B, H, W, 3] faces (see the module notes)."""
 
+    # The signature logged with the model says what goes in and out; MLflow's other schema, from
+    # type hints on predict, is switched off (it would only warn that there are none).
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         import torch
 
@@ -42,9 +46,7 @@ class VoicesToFaces(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.net = VoiceToFace(open_model(context.artifacts[ARTIFACT], device), device)
 
-    # No type hints on predict: MLflow reads them as an input schema of their own and warns;
-    # the signature logged with the model says what goes in and out.
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # no type hints: see above
         from avpgan.audio import AudioError
         from avpgan.generate import clips_of, faces_of
         from avpgan.images import to_uint8
@@ -101,10 +103,10 @@ def log_bundle_model(uri: str, experiment_id: str, run_id: str, bundle_path: Pat
     import avpgan
 
     model = MlflowClient(uri).create_logged_model(experiment_id, name=NAME, source_run_id=run_id)
-    # Model.log reads the process's tracking URI; the signature is given (an input example would
-    # run the model here, type hints on predict would be a second schema), so MLflow's hints are noise.
+    # Model.log reads the process's tracking URI. The signature is given: an input example would
+    # only run the model once more here.
     with _use_tracking_uri(uri), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(input example was not provided|Add type hints).*")
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         info = Model.log(artifact_path=None, name=NAME, flavor=mlflow.pyfunc, model_id=model.model_id, run_id=run_id,
                          step=step, python_model=VoicesToFaces(), artifacts={ARTIFACT: str(bundle_path)},
                          signature=signature(), code_paths=[str(Path(avpgan.__file__).parent)],
