@@ -155,8 +155,8 @@ def _out_stem(path: Path, taken: set[str]) -> str:
 def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8,
                real: torch.Tensor | None = None) -> np.ndarray:
     """Up to `cols` voices per row; each row of 64 px faces (scaled up, nearest) sits below the
-    speakers' real faces when given and above their restored faces when the bundle restores.
-    Empty cells at the end stay black."""
+    speakers' real faces when given and above their restored faces when the bundle restores; a
+    margin names each row (real / generated / restored). Empty cells at the end stay black."""
     cols = min(cols, len(faces))
     size = restored.shape[-1] if restored is not None else faces.shape[-1]
     faces = F.interpolate(faces, size=(size, size), mode="nearest")
@@ -168,8 +168,13 @@ def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8
         if part is not None and pad:
             part = torch.cat([part, part.new_full((pad, *part.shape[1:]), -1.0)])
         rows.append(part)
-    chunks = [part[i : i + cols] for i in range(0, len(faces) + pad, cols) for part in rows if part is not None]
-    return make_grid(chunks, nrow=cols)
+    chunks, labels = [], []
+    for i in range(0, len(faces) + pad, cols):
+        for part, label in zip(rows, ("real", "generated", "restored")):
+            if part is not None:
+                chunks.append(part[i : i + cols])
+                labels.append(label)
+    return make_grid(chunks, nrow=cols, row_labels=labels)
 
 
 def read_faces(paths: list[str | Path], size: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from avpgan import atomic, bundle, errors, seeding
 from avpgan import config as config_mod
 from avpgan.config import Config
+from avpgan.images import with_title
 from avpgan.train import checkpoint, console, preempt
 from avpgan.train.runlock import RunLock, RunLocked
 from avpgan.train.stages import STAGES, Stage
@@ -351,6 +352,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
                 grid = stage.sample_grid(fixed)
                 if grid is not None:
+                    grid = with_title(grid, f"{name} samples, step {step} of {scfg.steps} (global step {global_offset + step})")
                     tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
                     _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
                 extra = stage.sample_metrics(fixed)
