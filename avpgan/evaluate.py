@@ -825,7 +825,7 @@ def log_to_run(run_dir: Path, cfg, results: dict, out: Path | None, log: Callabl
     """Continue the run's MLflow run (RUN/mlflow_run_id) with the eval metrics and the results
     file. The metrics' step is the run's total training steps (the training loop's global step
     after its last stage), so evaluations after further training line up with the curves."""
-    from avpgan.train.tracking import Tracker
+    from avpgan.tracking import Tracker
 
     id_file = run_dir / "mlflow_run_id"
     if not cfg.tracking.enabled:

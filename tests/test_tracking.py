@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 from avpgan.config import TrackingConfig
-from avpgan.train.tracking import Tracker
+from avpgan.tracking import Tracker
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-LOGGER = "avpgan.train.tracking"
+LOGGER = "avpgan.tracking"
 
 
 def _free_port() -> int:
@@ -310,7 +310,7 @@ def test_reproducibility_tags_and_description(tmp_path, monkeypatch):
     import torch
 
     import avpgan
-    from avpgan.train.tracking import _git_state, reproducibility_tags
+    from avpgan.tracking import _git_state, reproducibility_tags
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
@@ -381,3 +381,22 @@ def test_trained_run_logs_a_pyfunc_model_that_makes_the_generate_faces(synthvox_
     np.testing.assert_array_equal(plain[0], np.asarray(Image.open(tmp_path / f"{wav[0].stem}_64.png")))
     with pytest.raises(Exception, match="voice 0"):  # silence: the row is named
         pyfunc.predict(np.zeros((1, 16000), np.float32))
+
+
+def test_only_the_tracking_modules_import_mlflow():
+    """docs/architecture.md: everything MLflow goes through avpgan/tracking.py (and the pyfunc
+    model it logs, avpgan/mlflow_model.py), for training and evaluation alike."""
+    import ast
+
+    import avpgan
+
+    package = Path(avpgan.__file__).parent
+    users = set()
+    for f in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                users.add(f.relative_to(package).as_posix())
+    assert users == {"tracking.py", "mlflow_model.py"}
+    assert not (package / "train" / "tracking.py").exists()

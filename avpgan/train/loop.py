@@ -33,7 +33,7 @@ from avpgan.images import with_title
 from avpgan.train import checkpoint, console, preempt
 from avpgan.train.runlock import RunLock, RunLocked
 from avpgan.train.stages import STAGES, Stage
-from avpgan.train.tracking import Tracker, reproducibility_tags, ui_hint
+from avpgan.tracking import Tracker, reproducibility_tags, ui_hint
 
 
 class TrainingStopped(RuntimeError):
