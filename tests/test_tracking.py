@@ -325,7 +325,8 @@ def test_reproducibility_tags_and_description(tmp_path, monkeypatch):
     assert got["avpgan.torch_version"] == torch.__version__
     assert got["avpgan.accelerate_version"] == accelerate.__version__
     assert got["avpgan.mlflow_version"] == mlflow.__version__
-    assert (got["avpgan.world_size"], got["avpgan.device"], got["avpgan.mixed_precision"]) == ("16", "cuda (H100)", "bf16")
+    assert (got["avpgan.world_size"], got["avpgan.device"], got["avpgan.mixed_precision"]) == \
+        ("16", "cuda (H100)", "bf16")
     assert (got["avpgan.slurm_job_id"], got["avpgan.slurm_nodelist"]) == ("4242", "gpu[01-02]")
     assert got["mlflow.note.content"] == "avpgan, config `tiny`"
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -209,6 +209,7 @@ def test_moved_run_directory_resumes_with_its_artifacts(tiny_shards, tmp_path):
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout and (new / "mlflow_run_id").read_text() == run_id
+    assert "MLflow model: models:/" in done.stdout
     assert not old.parent.exists()  # nothing was written at the old place
 
     client = MlflowClient(f"sqlite:///{new / 'mlflow.db'}")

@@ -1,9 +1,10 @@
 """The one training loop every stage runs under: Accelerate, checkpoints, health, signals, tracking.
 
 Read top to bottom: `train()` makes one Accelerator and one tracker for the run, copies what it
-prints to RUN/train.log (train/console.py) and walks the configured stages; `run_stage()` resumes a stage from its newest complete checkpoint, pulls
-batches from the stage's batch source (the shard stream, or the GAN's embedding bank), calls the
-stage's `step`, logs, checkpoints, and stops cleanly on preemption or too many non-finite losses.
+prints to RUN/train.log (train/console.py) and walks the configured stages; `run_stage()`
+resumes a stage from its newest complete checkpoint, pulls batches from the stage's batch source
+(the shard stream, or the GAN's embedding bank), calls the stage's `step`, logs, checkpoints,
+and stops cleanly on preemption, Ctrl-C or too many non-finite losses.
 
 Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/2 steps"):
 - model init is seeded by (seed, stage) on every rank, so all ranks start equal;
@@ -135,8 +136,8 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
               f"{acc.num_processes} process(es) on {acc.device.type}")
     acc.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")
     tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
-    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name,
-                  tags=run_tags(cfg, acc, run_dir) if tracker.active else None)
+    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg),
+                  cfg.tracking.run_name or cfg.name, tags=run_tags(cfg, acc, run_dir) if tracker.active else None)
     announce_tracking(acc, tracker)
     attach_node_monitors(acc, tracker)
     global_step = 0
@@ -181,6 +182,8 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
         log_bundle(run_dir, tracker, global_step)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
+    if tracker.model_uri:
+        acc.print(f"MLflow model: {tracker.model_uri}  (mlflow.pyfunc.load_model(...).predict(waveforms): docs/mlflow.md)")
     shutdown(acc)
     return run_dir
 
@@ -352,7 +355,8 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
                 grid = stage.sample_grid(fixed)
                 if grid is not None:
-                    grid = with_title(grid, f"{name} samples, step {step} of {scfg.steps} (global step {global_offset + step})")
+                    grid = with_title(grid, f"{name} samples, step {step} of {scfg.steps} "
+                                            f"(global step {global_offset + step})")
                     tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
                     _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
                 extra = stage.sample_metrics(fixed)
