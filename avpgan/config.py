@@ -225,7 +225,7 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local sqlite store in the run dir
     experiment: str = "avpgan"
     run_name: str = ""
-    # Added for train/tracking.py (see docs/mlflow.md):
+    # Added for tracking.py (see docs/mlflow.md):
     system_metrics: bool = True  # CPU/GPU/memory/disk/network of rank 0's node as system/* metrics
     system_metrics_interval_s: float = 10.0  # seconds between system metric samples
     http_timeout_s: int = 10  # MLFLOW_HTTP_REQUEST_TIMEOUT unless already set in the environment

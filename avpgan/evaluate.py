@@ -306,24 +306,30 @@ def load_embedder(spec: str, model: bundle_mod.Bundle, device) -> TorchEmbedder 
 
 
 def split_samples(shards: Path, manifest: dict, split: str, keep: Callable[[str], bool],
-                  errors: list) -> Iterator[dict]:
+                  errors: list, progress: str | None = None) -> Iterator[dict]:
     """Decoded samples of the split whose identity `keep` accepts, in shard order; broken tar
-    members and corrupt samples are skipped and appended to `errors`."""
+    members and corrupt samples are skipped and appended to `errors`. `progress`: the label of
+    a progress bar over every sample of the split (each rank reads them all)."""
     import webdataset as wds
+    from tqdm import tqdm
 
     def tar_error(exn: Exception) -> bool:
         errors.append(f"{type(exn).__name__}: {exn}")
         return True
 
     urls = [{"url": str(shards / s["file"])} for s in manifest["splits"][split]["shards"]]
-    for raw in wds.tarfile_to_samples(handler=tar_error)(iter(urls)):
-        try:
-            s = decode_sample(raw, face128=True)
-        except CorruptSample as e:
-            errors.append(str(e))
-            continue
-        if keep(s["meta"]["name"]):
-            yield s
+    with tqdm(total=manifest["splits"][split]["samples"], desc=progress, unit="sample",
+              disable=True if progress is None else None,
+              leave=False) as bar:
+        for raw in wds.tarfile_to_samples(handler=tar_error)(iter(urls)):
+            bar.update()
+            try:
+                s = decode_sample(raw, face128=True)
+            except CorruptSample as e:
+                errors.append(str(e))
+                continue
+            if keep(s["meta"]["name"]):
+                yield s
 
 
 def resized(faces: torch.Tensor, size: int) -> torch.Tensor:
@@ -667,7 +673,8 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     ids = mine(manifest["splits"][split]["identities"])
     store = _Embedded(net, face_embedder, features, lengths, batch_size, restore=True, real_sizes=real_sizes)
     seen_faces: set[str] = set()
-    for s in split_samples(shards, manifest, split, ids.__contains__, errors):
+    show = f"evaluate: {split} split" if state.is_main_process else None
+    for s in split_samples(shards, manifest, split, ids.__contains__, errors, progress=show):
         name = s["meta"]["name"]
         store.add_voice(name, s["key"], s["audio"])
         face_id = s["meta"].get("face_path", s["key"])
@@ -684,7 +691,8 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
                           restore=False, real_sizes=real_sizes)
     train_ids = mine(manifest["splits"]["train"]["identities"])
     per_id: dict = defaultdict(set)
-    for s in split_samples(shards, manifest, "train", train_ids.__contains__, errors):
+    show = "evaluate: train faces (probes, reference)" if state.is_main_process else None
+    for s in split_samples(shards, manifest, "train", train_ids.__contains__, errors, progress=show):
         name, face_id = s["meta"]["name"], s["meta"].get("face_path", s["key"])
         if face_id not in per_id[name] and len(per_id[name]) < probe_faces_per_identity:
             per_id[name].add(face_id)
@@ -754,10 +762,11 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
             "trained_on": results["attribute_probe"]["trained_on"],
         }
     results = _json_safe(results)
-    if out is not None:
-        write_json(results, Path(out))
     for line in table(results):
         log(line)
+    if out is not None:
+        write_json(results, Path(out))
+        log(f"results: {Path(out).resolve()}")
     if model.is_dir():
         log_to_run(model, bundle.cfg, results, Path(out) if out else None, log)
     return results
@@ -816,7 +825,7 @@ def log_to_run(run_dir: Path, cfg, results: dict, out: Path | None, log: Callabl
     """Continue the run's MLflow run (RUN/mlflow_run_id) with the eval metrics and the results
     file. The metrics' step is the run's total training steps (the training loop's global step
     after its last stage), so evaluations after further training line up with the curves."""
-    from avpgan.train.tracking import Tracker
+    from avpgan.tracking import Tracker
 
     id_file = run_dir / "mlflow_run_id"
     if not cfg.tracking.enabled:

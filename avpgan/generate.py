@@ -118,6 +118,12 @@ def prepare(path: Path, sample_rate: int, seconds: float, top_db: float) -> Voic
         raise  # already names the file and the problem
     except Exception as e:  # a decoder choking on garbage must not end the whole batch
         raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
+    return clips_of(y, path, sample_rate, seconds, top_db)
+
+
+def clips_of(y: np.ndarray, path: Path, sample_rate: int, seconds: float, top_db: float) -> Voice:
+    """Mono float audio at the model's rate -> its S-second clips (`path` names it in errors).
+    The MLflow model (avpgan/mlflow_model.py) hands waveforms in here directly."""
     if y.size == 0:
         raise AudioError(f"{path}: no audio samples", "empty audio")
     voiced = remove_silence(y, top_db)
@@ -149,8 +155,8 @@ def _out_stem(path: Path, taken: set[str]) -> str:
 def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8,
                real: torch.Tensor | None = None) -> np.ndarray:
     """Up to `cols` voices per row; each row of 64 px faces (scaled up, nearest) sits below the
-    speakers' real faces when given and above their restored faces when the bundle restores.
-    Empty cells at the end stay black."""
+    speakers' real faces when given and above their restored faces when the bundle restores; a
+    margin names each row (real / generated / restored). Empty cells at the end stay black."""
     cols = min(cols, len(faces))
     size = restored.shape[-1] if restored is not None else faces.shape[-1]
     faces = F.interpolate(faces, size=(size, size), mode="nearest")
@@ -162,8 +168,13 @@ def grid_image(faces: torch.Tensor, restored: torch.Tensor | None, cols: int = 8
         if part is not None and pad:
             part = torch.cat([part, part.new_full((pad, *part.shape[1:]), -1.0)])
         rows.append(part)
-    chunks = [part[i : i + cols] for i in range(0, len(faces) + pad, cols) for part in rows if part is not None]
-    return make_grid(chunks, nrow=cols)
+    chunks, labels = [], []
+    for i in range(0, len(faces) + pad, cols):
+        for part, label in zip(rows, ("real", "generated", "restored")):
+            if part is not None:
+                chunks.append(part[i : i + cols])
+                labels.append(label)
+    return make_grid(chunks, nrow=cols, row_labels=labels)
 
 
 def read_faces(paths: list[str | Path], size: int) -> torch.Tensor:
@@ -211,7 +222,7 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
                 log(f"skipped {e}")
         if not ready:
             continue
-        face, restored, took = _faces(net, ready, batch_size, restore, seed=first)
+        face, restored, took = faces_of(net, ready, batch_size, restore, seed=first)
         report.seconds_model += took
         if grid:
             shown.append((face, restored))
@@ -240,8 +251,8 @@ def generate(model: str | Path | bundle_mod.Bundle, voices: list[str | Path], ou
     return report
 
 
-def _faces(net: VoiceToFace, ready: list[Voice], batch_size: int, restore: bool,
-           seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def faces_of(net: VoiceToFace, ready: list[Voice], batch_size: int, restore: bool,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """All windows of these files through the voice encoder in batches, one embedding per file
     (the normalised mean of its windows'), then the faces: (CPU faces, CPU restored, seconds)."""
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from avpgan import atomic
 
@@ -87,27 +87,66 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return a.transpose(1, 2, 0) if a.ndim == 3 else a.transpose(0, 2, 3, 1)
 
 
-def make_grid(batches: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """Lay out every image of every [B, 3, H, W] batch in order, `nrow` per row, on black.
+def make_grid(batches: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray, nrow: int, pad: int = 2,
+              row_labels: Sequence[str] | None = None, min_cell: int = 0) -> np.ndarray:
+    """Lay out the images of each [B, 3, H, W] batch in order, `nrow` per row, each batch
+    starting on a new row, on black.
 
     Passing [real, generated] with nrow = B puts each real face above the face made from its voice.
+    `row_labels`: one name per batch ("real", "generated", ...), written in a margin left of the
+    batch's first row, so that a grid seen alone (in the MLflow UI) says what each row is.
+    `min_cell`: images smaller than this are scaled up (nearest, every pixel stays visible),
+    because the UI shows a 64 px face too small to judge.
     """
     if isinstance(batches, np.ndarray) or hasattr(batches, "detach"):
         batches = [batches]
-    images = [im for b in batches for im in to_uint8(b if b.ndim == 4 else b[None])]
+    groups = [list(to_uint8(b if b.ndim == 4 else b[None])) for b in batches]
+    images = [im for g in groups for im in g]
     if not images:
         raise ValueError("make_grid: no images")
+    if row_labels is not None and len(row_labels) != len(groups):
+        raise ValueError(f"make_grid: {len(row_labels)} row labels for {len(groups)} batches")
     h, w = images[0].shape[:2]
     if any(im.shape[:2] != (h, w) for im in images):
         raise ValueError(f"make_grid: images differ in size ({sorted({im.shape[:2] for im in images})})")
-    ncol = max(1, min(nrow, len(images)))
-    rows = -(-len(images) // ncol)
+    scale = -(-min_cell // h) if min_cell > h else 1
+    h, w = h * scale, w * scale
+    ncol = max(1, min(nrow, max(len(g) for g in groups)))
+    first_rows, rows = [], 0  # the row each batch starts on
+    for g in groups:
+        first_rows.append(rows)
+        rows += -(-len(g) // ncol)
     grid = np.zeros((pad + rows * (h + pad), pad + ncol * (w + pad), 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = im
-    return grid
+    for g, first in zip(groups, first_rows):
+        for i, im in enumerate(g):
+            r, c = divmod(i, ncol)
+            y, x = pad + (first + r) * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = im.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else im
+    if row_labels is None:
+        return grid
+    font = _font(max(12, min(24, h // 6)))
+    margin = pad + int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font) for t in row_labels)) + 8
+    out = Image.fromarray(np.concatenate([np.zeros((grid.shape[0], margin, 3), np.uint8), grid], axis=1))
+    draw = ImageDraw.Draw(out)
+    for first, text in zip(first_rows, row_labels):
+        draw.text((pad + 2, pad + first * (h + pad) + h // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.asarray(out)
+
+
+def with_title(grid: np.ndarray, title: str) -> np.ndarray:
+    """`grid` below a line of text (the stage and step of a sample grid: the picture names itself)."""
+    font = _font(18)
+    strip = Image.new("RGB", (grid.shape[1], 28))
+    ImageDraw.Draw(strip).text((6, 14), title, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.concatenate([np.asarray(strip), grid], axis=0)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at `size` px (its fixed small bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 
 def save_png(img: np.ndarray, path: str | Path) -> None:

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from avpgan.audio import AudioError, crop_or_tile, from_int16, read_audio, remove_silence, to_int16
-from avpgan.images import ImageError, load_rgb, make_grid, read_image, resize, save_png, to_tensor, to_uint8
+from avpgan.images import (ImageError, load_rgb, make_grid, read_image, resize, save_png, to_tensor, to_uint8,
+                           with_title)
 
 SR = 16000
 
@@ -156,6 +157,23 @@ def test_make_grid_and_save_png(tmp_path):
     assert make_grid(a, nrow=2).shape == (22, 22, 3)
     with pytest.raises(ValueError):
         make_grid([a, to_tensor(np.zeros((1, 4, 4, 3), np.uint8))], nrow=3)
+    # Rows named in a left margin, cells scaled up (nearest) to at least `min_cell` px, a title on top
+    labelled = make_grid([a, b], nrow=3, row_labels=["real", "generated"], min_cell=32)
+    margin = labelled.shape[1] - (2 + 3 * 34)
+    assert labelled.shape[0] == 2 + 2 * 34 and margin > 0
+    np.testing.assert_array_equal(labelled[2 : 2 + 32, margin + 2 : margin + 2 + 32], np.full((32, 32, 3), 10, np.uint8))
+    for r in (0, 1):  # white text in each row's margin, black between the rows' labels
+        assert labelled[2 + r * 34 : 2 + r * 34 + 32, :margin].max() == 255
+    assert make_grid([a, b], nrow=3, row_labels=["real", "a much longer label"]).shape[1] > \
+        make_grid([a, b], nrow=3, row_labels=["real", "fake"]).shape[1]
+    with pytest.raises(ValueError, match="2 batches"):
+        make_grid([a, b], nrow=3, row_labels=["real"])
+    short = make_grid([a, b[:2]], nrow=3)  # a shorter batch still starts a row of its own
+    assert short.shape == (22, 32, 3) and short[2 + 10, 2, 0] == 40 and short[2 + 10, 2 + 2 * 10, 0] == 0
+    titled = with_title(labelled, "gan samples, step 100")
+    assert titled.shape[1] == labelled.shape[1] and titled.shape[0] > labelled.shape[0]
+    np.testing.assert_array_equal(titled[titled.shape[0] - labelled.shape[0]:], labelled)
+    assert titled[: titled.shape[0] - labelled.shape[0]].max() == 255
     save_png(grid, tmp_path / "g" / "grid.png")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g" / "grid.png")), grid)
     assert [p.name for p in (tmp_path / "g").iterdir()] == ["grid.png"]

@@ -221,6 +221,59 @@ def test_sigterm_to_the_whole_process_group_still_saves(tiny_shards, tmp_path):
     assert (run_dir / "voice" / "model.safetensors").exists()
 
 
+def test_ctrl_c_saves_exits_130_run_killed_and_resume_continues(tiny_shards, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole foreground group, loader workers
+    included. The trainer saves at the next step boundary, exits 130, ends its MLflow run as
+    KILLED (not FAILED), and the same command resumes from that checkpoint into the same run."""
+    from conftest import subprocess_env
+    from mlflow import MlflowClient
+
+    from avpgan.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "avpgan", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+           f"data.shards={tiny_shards}", f"train.run_dir={run_dir}", "tracking.system_metrics=false",
+           "train.stages=[voice]", "train.voice.batch_size=4", "data.workers=2", "train.log_every=2",
+           "train.checkpoint_every=1000", "train.sample_every=1000"]
+    env = dict(subprocess_env(), MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = tmp_path / "train.out"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([*cmd, "train.voice.steps=400"], env=env, cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b"step 2/400" in log.read_bytes(), 120, "training with loader workers", [p])
+        os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
+        code = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
+    stopped = re.search(r"\[voice\] interrupted \(Ctrl-C\) at step (\d+), checkpoint saved", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    ckpt = run_dir / "voice" / "checkpoints" / f"step-{step:07d}"
+    assert checkpoint.verify(ckpt)["step"] == step
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "interrupted", "stage": "voice"}
+    assert "avpgan: [voice] interrupted (Ctrl-C); checkpoint saved in" in text
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert (run_dir / "train.log").read_text().rstrip().endswith("run the same command to resume")
+
+    done = subprocess.run([*cmd, f"train.voice.steps={step + 2}"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {step}" in done.stdout
+    assert (run_dir / "mlflow_run_id").read_text() == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert max(m.step for m in client.get_metric_history(run_id, "voice/loss")) == step + 2
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
 def test_process_exits_with_a_loader_worker_still_alive(tiny_shards):
     """Loader workers ignore SIGTERM, which multiprocessing's exit hook relies on to end them: a
     program that exits with a live loader iterator (a run that raised) must not wait forever."""
@@ -246,6 +299,25 @@ def test_handler_only_sets_the_flag():
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.01)  # Python runs the handler at the next bytecode boundary
         assert preempt.requested() and preempt.reason() == "SIGUSR1"
+    finally:
+        preempt.reset()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_second_ctrl_c_raises_at_once():
+    """The first Ctrl-C only sets the flag (the step finishes and a checkpoint is saved); the
+    second raises KeyboardInterrupt where the program is, for a user who cannot wait."""
+    from avpgan.train import preempt
+
+    old = {s: signal.getsignal(s) for s in preempt.SIGNALS}
+    try:
+        preempt.reset()
+        preempt.install()
+        signal.raise_signal(signal.SIGINT)
+        assert preempt.requested() and preempt.reason() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
     finally:
         preempt.reset()
         for s, h in old.items():

@@ -4,6 +4,7 @@ is covered with real processes and kill -9 in test_train.py)."""
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,10 @@ def unfinished_copy(straight: Path, to: Path) -> Path:
 def test_resume_path_continues_from_that_checkpoint(straight, tiny_shards, tmp_path, capsys):
     run_dir = unfinished_copy(straight, tmp_path / "run")
     named = run_dir / "voice" / "checkpoints" / "step-0000002"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     out = train(tiny_shards, run_dir, str(named), capsys)
+    # train() catches Ctrl-C only while it runs: the caller's handlers are back afterwards
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert f"resumed from {named} at step 2" in out
     assert "step 2/4" not in out and "step 4/4" in out  # steps 3 and 4 only
     assert same(model(run_dir), model(straight))  # the same weights as the run that never stopped

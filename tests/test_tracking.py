@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 from avpgan.config import TrackingConfig
-from avpgan.train.tracking import Tracker
+from avpgan.tracking import Tracker
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-LOGGER = "avpgan.train.tracking"
+LOGGER = "avpgan.tracking"
 
 
 def _free_port() -> int:
@@ -303,3 +303,101 @@ def test_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     tracker.finish()
     assert (tmp_path / "runs" / "mlruns" / run_id / "artifacts" / "config.yaml").is_file()
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_reproducibility_tags_and_description(tmp_path, monkeypatch):
+    import accelerate
+    import torch
+
+    import avpgan
+    from avpgan.tracking import _git_state, reproducibility_tags
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
+    tags = reproducibility_tags(world_size=16, device="cuda (H100)", mixed_precision="bf16")
+    tags["mlflow.note.content"] = "avpgan, config `tiny`"
+    tracker = Tracker(TrackingConfig(system_metrics=False), tmp_path / "run", is_main=True)
+    run_id = tracker.start({"a": 1}, "a: 1\n", "tagged", tags=tags)
+    assert tracker.finish() == {}
+
+    got = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").get_run(run_id).data.tags
+    assert got["avpgan.version"] == avpgan.__version__
+    assert got["avpgan.torch_version"] == torch.__version__
+    assert got["avpgan.accelerate_version"] == accelerate.__version__
+    assert got["avpgan.mlflow_version"] == mlflow.__version__
+    assert (got["avpgan.world_size"], got["avpgan.device"], got["avpgan.mixed_precision"]) == \
+        ("16", "cuda (H100)", "bf16")
+    assert (got["avpgan.slurm_job_id"], got["avpgan.slurm_nodelist"]) == ("4242", "gpu[01-02]")
+    assert got["mlflow.note.content"] == "avpgan, config `tiny`"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(avpgan.__file__).parent)
+    if head.returncode == 0:  # the suite runs from a git checkout
+        assert got["avpgan.git_commit"] == head.stdout.strip()
+        assert got["avpgan.git_dirty"] in ("true", "false")
+    # Not a git checkout (an installed wheel): no commit, and no failure.
+    assert _git_state(tmp_path) == (None, False)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    assert not any(k.startswith("avpgan.slurm") for k in reproducibility_tags(1, "cpu", "no"))
+
+
+def test_trained_run_logs_a_pyfunc_model_that_makes_the_generate_faces(synthvox_dir, tiny_shards, tmp_path_factory,
+                                                                       tmp_path):
+    """The training run's bundle is an MLflow Model in its local store: listed as the run's logged
+    model, loadable with mlflow.pyfunc, and its predict gives the faces `avpgan generate` makes."""
+    import soundfile as sf
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from PIL import Image
+
+    from avpgan.generate import generate
+    from test_evaluate import tiny_model
+
+    run = tiny_model(tiny_shards, tmp_path_factory)  # trained in-process with a sqlite store
+    uri = f"sqlite:///{run / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = (run / "mlflow_run_id").read_text()
+    info = client.get_run(run_id)
+    (model,) = client.search_logged_models(experiment_ids=[info.info.experiment_id])
+    assert model.name == "avpgan" and model.source_run_id == run_id and str(model.status) == "READY"
+    assert [o.model_id for o in info.outputs.model_outputs] == [model.model_id]
+
+    wav = sorted((synthvox_dir / "voxceleb1" / "wav").rglob("*.wav"))[:1]
+    wave, rate = sf.read(wav[0], dtype="float32")
+    assert rate == 16000
+    with _use_tracking_uri(uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+        again = mlflow.pyfunc.load_model(f"runs:/{run_id}/avpgan")
+    sig = pyfunc.metadata.signature
+    (inp,), (out,) = sig.inputs.inputs, sig.outputs.inputs
+    assert (inp.type, tuple(inp.shape)) == (np.dtype(np.float32), (-1, -1))
+    assert (out.type, tuple(out.shape)) == (np.dtype(np.uint8), (-1, -1, -1, 3))
+
+    faces = pyfunc.predict(wave[None])
+    plain = again.predict(np.stack([wave, wave]), params={"restore": False})
+    assert faces.dtype == np.uint8 and faces.shape == (1, 64, 64, 3)  # tiny config: restored at 64 px
+    assert plain.shape == (2, 64, 64, 3) and np.array_equal(plain[0], plain[1])
+    # The same faces as `avpgan generate` makes from the file
+    generate(run / "model.safetensors", [wav[0]], tmp_path, log=lambda line: None)
+    np.testing.assert_array_equal(faces[0], np.asarray(Image.open(tmp_path / f"{wav[0].stem}_64_restored.png")))
+    np.testing.assert_array_equal(plain[0], np.asarray(Image.open(tmp_path / f"{wav[0].stem}_64.png")))
+    with pytest.raises(Exception, match="voice 0"):  # silence: the row is named
+        pyfunc.predict(np.zeros((1, 16000), np.float32))
+
+
+def test_only_the_tracking_modules_import_mlflow():
+    """docs/architecture.md: everything MLflow goes through avpgan/tracking.py (and the pyfunc
+    model it logs, avpgan/mlflow_model.py), for training and evaluation alike."""
+    import ast
+
+    import avpgan
+
+    package = Path(avpgan.__file__).parent
+    users = set()
+    for f in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                users.add(f.relative_to(package).as_posix())
+    assert users == {"tracking.py", "mlflow_model.py"}
+    assert not (package / "train" / "tracking.py").exists()

@@ -132,6 +132,13 @@ def test_resume_on_other_world_size(tiny_shards, tmp_path):
     gan = load_file(str(run_dir / "gan" / "model.safetensors"))
     assert gan and all(t.isfinite().all() for t in gan.values() if t.is_floating_point())
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    # RUN/train.log: the killed session's lines, then the resumed one's (appended), to the bundle
+    log = (run_dir / "train.log").read_text()
+    assert log.count("avpgan train ") == 2 and log.index("2 process(es)") < log.index("1 process(es)")
+    assert f"run directory: {run_dir.resolve()}" in log and "MLflow: off" in log
+    assert "[gan] step 8/8 (100%" in log and "resumed from" in log
+    assert f"exported bundle: {(run_dir / 'model.safetensors').resolve()}" in log
+    assert "exported bundle:" in p.stdout
 
 
 def test_other_stages_two_ranks_then_export(tiny_shards, straight, tmp_path):
@@ -173,3 +180,48 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_shards, tmp_path):
     run_dir = tmp_path / "bf16"
     run(train_cmd(tiny_shards, run_dir, 1, "train.mixed_precision=bf16", "train.voice.steps=2", "train.gan.steps=2"))
     assert (run_dir / "gan" / "model.safetensors").exists()
+
+
+def test_moved_run_directory_resumes_with_its_artifacts(tiny_shards, tmp_path):
+    """A run directory moved mid-run (another disk, another machine) keeps working: the resumed
+    run writes its artifacts into the moved local store, nothing reappears at the old path, and
+    the MLflow client reads every artifact at the new place."""
+    import os
+    import shutil
+
+    from mlflow import MlflowClient
+
+    old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    tracked = ["tracking.enabled=true", "tracking.system_metrics=false", "train.sample_every=4"]
+    stop = tmp_path / "stop"
+    stop.touch()  # $AVPGAN_STOP_FILE: the first run stops (and checkpoints) after its first step
+    env = dict(subprocess_env(), AVPGAN_STOP_FILE=str(stop), MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.run(train_cmd(tiny_shards, old, 1, *tracked), env=env, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert json.loads((old / "status.json").read_text())["state"] == "preempted"
+    run_id = (old / "mlflow_run_id").read_text()
+
+    shutil.move(old.parent, new.parent)
+    del env["AVPGAN_STOP_FILE"]
+    done = subprocess.run(train_cmd(tiny_shards, new, 1, *tracked), env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout and (new / "mlflow_run_id").read_text() == run_id
+    assert "MLflow model: models:/" in done.stdout
+    assert not old.parent.exists()  # nothing was written at the old place
+
+    client = MlflowClient(f"sqlite:///{new / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["avpgan.world_size"] == "1" and run.data.tags["avpgan.device"] == "cpu"
+    assert run.data.tags["mlflow.note.content"].startswith("avpgan, config `tiny`: voice (4 steps) -> gan (8 steps)")
+    assert run.info.artifact_uri.removeprefix("file://").startswith(str(new.resolve()))
+    top = {f.path for f in client.list_artifacts(run_id)}
+    assert {"config.yaml", "images", "model"} <= top
+    got = client.download_artifacts(run_id, "model/model.safetensors", str(tmp_path))
+    assert Path(got).read_bytes() == (new / "model.safetensors").read_bytes()
+    assert client.download_artifacts(run_id, "config.yaml", str(tmp_path))
+    assert os.path.samefile(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://"),
+                            new / "mlruns")

@@ -484,6 +484,8 @@ def check(dir: Path) -> int:
     print(f"{'split':6s} {'samples':>8s} {'ids':>6s} {'shards':>6s} {'hours':>8s} {'mean s':>7s} {'min s':>7s} {'max s':>7s}")
     for split, info in manifest["splits"].items():
         durations, names, keys = [], set(), set()
+        # leave=False: the bar gives way to the split's row of the table; disable=None: no bar in a log file
+        bar = tqdm(total=info["samples"], desc=f"check {split}", unit="sample", leave=False, disable=None)
         for shard in info["shards"]:
             path = dir / shard["file"]
             if not path.is_file():
@@ -507,12 +509,14 @@ def check(dir: Path) -> int:
                     names.add(m.get("name"))
                     durations.append(s["audio"].size / manifest["audio"]["sample_rate"])
                     n += 1
+                    bar.update()
             except (tarfile.TarError, OSError, ValueError) as e:
                 errors.append(f"{path}: {last[0] or 'first member'}: tar unreadable here ({e})")
             if n != shard["samples"]:
                 errors.append(f"{path}: {n} samples decoded, manifest says {shard['samples']}")
             if len(errors) == before and "sha256" in shard and sha256_file(path) != shard["sha256"]:
                 errors.append(f"{path}: sha256 differs from the manifest (a tar header or member was altered)")
+        bar.close()
         total = len(durations)
         if total != info["samples"]:
             errors.append(f"{dir}: split {split}: {total} samples decoded, manifest says {info['samples']}")

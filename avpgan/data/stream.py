@@ -20,8 +20,9 @@ Why it is built this way:
   its device (preparing a WebDataset loader hangs or re-shards).
 - DataLoader workers hand out batches round-robin, always starting at worker 0; after a resume
   at batch k the workers are relabelled by k mod W so that the batch order continues exactly.
-- Loader workers ignore the stop signals (SIGTERM, SIGUSR1). SLURM's cancel and preemption
-  signal every process of the job; a worker that died of it would make the trainer's next
+- Loader workers ignore the stop signals (SIGTERM, SIGUSR1, SIGINT). SLURM's cancel and
+  preemption signal every process of the job, as Ctrl-C signals every process of the terminal's
+  foreground group; a worker that died of it would make the trainer's next
   DataLoader check raise (torch's SIGCHLD handler, "worker ... killed by signal"), in the middle of
   the very checkpoint the signal asked for. The trainer alone decides to stop (train/preempt.py)
   and then ends its workers itself.
@@ -244,7 +245,7 @@ class ShardStream(IterableDataset):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: this worker ignores SIGTERM/SIGUSR1 (see the module notes).
+    """DataLoader `worker_init_fn`: this worker ignores SIGTERM/SIGUSR1/SIGINT (see the module notes).
 
     torch installs a SIGTERM handler that kills the worker just before calling this; replacing it
     with SIG_IGN also discards a signal left pending while `_stop_signals_blocked` held it."""

@@ -42,6 +42,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 from scipy import signal
+from tqdm import tqdm
 
 from avpgan import atomic, seeding
 from avpgan.config import DataConfig
@@ -797,15 +798,16 @@ def generate(out: Path, identities: int, utterances_per_id: int, faces_per_id: i
     t0 = time.perf_counter()
     idents = draw_identities(identities, seed)
     jobs = [(out, seed, i, utterances_per_id, faces_per_id, (float(lo), float(hi))) for i in idents]
+    bar_args = dict(total=len(jobs), desc=f"synthvox -> {out}", unit="identity", disable=None)  # no bar in a log file
     if workers <= 1:
-        results = [_make_identity(j) for j in jobs]
+        results = [_make_identity(j) for j in tqdm(jobs, **bar_args)]
     else:
         # spawn: workers start clean, whatever threads or torch state the caller holds; an
         # executor (unlike Pool) raises BrokenProcessPool instead of hanging if workers die.
         ctx = multiprocessing.get_context("spawn")
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                results = list(pool.map(_make_identity, jobs))
+                results = list(tqdm(pool.map(_make_identity, jobs), **bar_args))
         except BrokenProcessPool as e:
             raise RuntimeError("synthvox: a worker process died (out of memory, or the calling program "
                                "cannot be re-imported by spawned workers, e.g. code piped to stdin); "

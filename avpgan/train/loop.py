@@ -1,9 +1,10 @@
 """The one training loop every stage runs under: Accelerate, checkpoints, health, signals, tracking.
 
-Read top to bottom: `train()` makes one Accelerator and one tracker for the run and walks the
-configured stages; `run_stage()` resumes a stage from its newest complete checkpoint, pulls
-batches from the stage's batch source (the shard stream, or the GAN's embedding bank), calls the
-stage's `step`, logs, checkpoints, and stops cleanly on preemption or too many non-finite losses.
+Read top to bottom: `train()` makes one Accelerator and one tracker for the run, copies what it
+prints to RUN/train.log (train/console.py) and walks the configured stages; `run_stage()`
+resumes a stage from its newest complete checkpoint, pulls batches from the stage's batch source
+(the shard stream, or the GAN's embedding bank), calls the stage's `step`, logs, checkpoints,
+and stops cleanly on preemption, Ctrl-C or too many non-finite losses.
 
 Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/2 steps"):
 - model init is seeded by (seed, stage) on every rank, so all ranks start equal;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +30,11 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from avpgan import atomic, bundle, errors, seeding
 from avpgan import config as config_mod
 from avpgan.config import Config
-from avpgan.train import checkpoint, preempt
+from avpgan.images import with_title
+from avpgan.train import checkpoint, console, preempt
 from avpgan.train.runlock import RunLock, RunLocked
 from avpgan.train.stages import STAGES, Stage
-from avpgan.train.tracking import Tracker
+from avpgan.tracking import Tracker, reproducibility_tags, ui_hint
 
 
 class TrainingStopped(RuntimeError):
@@ -55,7 +58,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_status(run_dir: Path, **status) -> None:
-    """RUN/status.json tells the batch script whether to requeue (finished | preempted | failed)."""
+    """RUN/status.json tells the batch script whether to requeue (finished | preempted | interrupted | failed)."""
     atomic.write_text(run_dir / "status.json", json.dumps(status))
 
 
@@ -91,9 +94,12 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     run_dir = Path(cfg.train.run_dir)
     acc = make_accelerator(cfg)
     lock = hold_run_lock(acc, run_dir)
+    handlers = preempt.install()
     try:
-        return _train(cfg, resume, acc, run_dir)
+        with console.copy_output_to(run_dir / "train.log" if acc.is_main_process else None):
+            return _train(cfg, resume, acc, run_dir)
     finally:
+        preempt.restore(handlers)
         if lock is not None:
             lock.release()
 
@@ -126,11 +132,16 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     acc.wait_for_everyone()
-    preempt.install()
+    acc.print(f"avpgan train {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC on {socket.gethostname()}, "
+              f"{acc.num_processes} process(es) on {acc.device.type}")
+    acc.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")
     tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
-    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg), cfg.tracking.run_name or cfg.name)
+    tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg),
+                  cfg.tracking.run_name or cfg.name, tags=run_tags(cfg, acc, run_dir) if tracker.active else None)
+    announce_tracking(acc, tracker)
     attach_node_monitors(acc, tracker)
     global_step = 0
+    stopped_in = None  # the stage a stop signal (preemption, Ctrl-C) ended, after its checkpoint
     try:
         for name in cfg.train.stages:
             stage_cls = STAGES[name]
@@ -142,32 +153,73 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
                 continue
             outcome = run_stage(cfg, stage_cls, acc, tracker, run_dir, global_step, resume)
             if outcome == "preempted":
-                if acc.is_main_process:
-                    write_status(run_dir, state="preempted", stage=name)
-                tracker.finish(status="KILLED")
-                shutdown(acc)
-                return run_dir
+                stopped_in = name
+                break
             global_step += steps
     except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
         if acc.is_main_process:
             write_failed_status(run_dir, name)
         tracker.finish(status="FAILED")
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C: out now; the newest checkpoint is where a rerun resumes
+        if acc.is_main_process:
+            write_status(run_dir, state="interrupted", stage=name)
+        tracker.finish(status="KILLED", timeout_s=5)
+        raise
+    if stopped_in is not None:
+        # Ctrl-C is the user's own stop: "interrupted", which the SLURM scripts do not requeue, and exit 130.
+        interrupted = preempt.reason() == "SIGINT"
+        if acc.is_main_process:
+            write_status(run_dir, state="interrupted" if interrupted else "preempted", stage=stopped_in)
+        tracker.finish(status="KILLED")
+        shutdown(acc)
+        if interrupted:
+            raise TrainingStopped(f"[{stopped_in}] interrupted (Ctrl-C); checkpoint saved in "
+                                  f"{run_dir / stopped_in / 'checkpoints'}; run the same command to resume",
+                                  exit_code=errors.EXIT_INTERRUPTED)
+        return run_dir
     if acc.is_main_process:
-        log_bundle(run_dir, tracker)
+        log_bundle(run_dir, tracker, global_step)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
+    if tracker.model_uri:
+        acc.print(f"MLflow model: {tracker.model_uri}  (mlflow.pyfunc.load_model(...).predict(waveforms): docs/mlflow.md)")
     shutdown(acc)
     return run_dir
 
 
-def log_bundle(run_dir: Path, tracker: Tracker) -> None:
-    """When the run has what inference needs (voice + gan), export RUN/model.safetensors and log it."""
+def run_tags(cfg: Config, acc: Accelerator, run_dir: Path) -> dict[str, str]:
+    """The MLflow run's tags: how to reproduce it, and a description the UI shows on the run page."""
+    device = acc.device.type
+    if device == "cuda":
+        device += f" ({torch.cuda.get_device_name(acc.device)})"
+    stages = " -> ".join(f"{s} ({cfg.train.stage(s).steps} steps)" for s in cfg.train.stages)
+    return {**reproducibility_tags(acc.num_processes, device, cfg.train.mixed_precision),
+            "mlflow.note.content": f"avpgan, config `{cfg.name}`: {stages}; run directory `{run_dir.resolve()}`"}
+
+
+def announce_tracking(acc: Accelerator, tracker: Tracker) -> None:
+    """Say where the run's MLflow record is and how to open it (rank 0)."""
+    if not acc.is_main_process:
+        return
+    if not tracker.cfg.enabled:
+        acc.print("MLflow: off (tracking.enabled=false)")
+        return
+    run = tracker.run_id or "not created yet (the store does not answer; logging is queued and retried)"
+    acc.print(f"MLflow: tracking URI {tracker.uri}, run {run}")
+    acc.print(f"MLflow UI: {ui_hint(tracker.uri, tracker.experiment_id, tracker.run_id)}")
+
+
+def log_bundle(run_dir: Path, tracker: Tracker, step: int) -> None:
+    """When the run has what inference needs (voice + gan), export RUN/model.safetensors and log it,
+    as a file and as an MLflow Model (with the run's metrics at `step`, the last global step)."""
     if not ((run_dir / "voice" / "model.safetensors").exists() and (run_dir / "gan" / "model.safetensors").exists()):
         return
     out = run_dir / "model.safetensors"
     bundle.export(run_dir, out)
+    print(f"exported bundle: {out.resolve()}  (avpgan generate {out} VOICE.wav --out faces/)")
     tracker.log_artifact(out, "model")
+    tracker.log_model(out, step)
 
 
 def shutdown(acc: Accelerator) -> None:
@@ -236,91 +288,99 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         except checkpoint.CheckpointWriteError as e:  # every rank gets it
             raise save_failed(e, ckpt_root, name) from e
 
-    nonfinite_in_row = 0
-    nonfinite_total = 0
-    bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
-    if acc.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    while step < scfg.steps:
-        t0 = time.perf_counter()
-        batch = next(source)
-        position.update(batch)
-        bad_samples[batch.get("worker", 0)] = batch.get("corrupt", 0) + batch.get("tar_errors", 0)  # the bank has none
-        t1 = time.perf_counter()
-        torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
-        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
-        metrics, finite = stage.step(batch, step)
-        step += 1
+    progress = console.StageProgress(name, scfg.steps, step, show=acc.is_main_process)
+    try:
+        nonfinite_in_row = 0
+        nonfinite_total = 0
+        bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
         if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        t_data += t1 - t0
-        t_compute += t2 - t1
-        window_steps += 1
-        for k, v in metrics.items():  # some metrics (R1) appear only on some steps
-            sums[k] = sums.get(k, 0.0) + float(v)
-            counts[k] = counts.get(k, 0) + 1
-        if finite:
-            nonfinite_in_row = 0
-        else:
-            nonfinite_in_row += 1
-            nonfinite_total += 1
-            if nonfinite_in_row >= cfg.train.max_nonfinite:
-                save(step)  # updates were skipped, so this is the last good state
-                raise TrainingStopped(
-                    f"[{name}] {nonfinite_in_row} non-finite losses in a row at step {step}; stopped. "
-                    f"The last good state is saved in {ckpt_root}. Lower the learning rate or use bf16/no mixed precision."
-                )
+            torch.cuda.reset_peak_memory_stats()
+        while step < scfg.steps:
+            t0 = time.perf_counter()
+            batch = next(source)
+            position.update(batch)
+            bad_samples[batch.get("worker", 0)] = batch.get("corrupt", 0) + batch.get("tar_errors", 0)  # the bank has none
+            t1 = time.perf_counter()
+            torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+            metrics, finite = stage.step(batch, step)
+            step += 1
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            t_data += t1 - t0
+            t_compute += t2 - t1
+            window_steps += 1
+            progress.update(step)
+            for k, v in metrics.items():  # some metrics (R1) appear only on some steps
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+            if finite:
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                if nonfinite_in_row >= cfg.train.max_nonfinite:
+                    save(step)  # updates were skipped, so this is the last good state
+                    raise TrainingStopped(
+                        f"[{name}] {nonfinite_in_row} non-finite losses in a row at step {step}; stopped. "
+                        f"The last good state is saved in {ckpt_root}. Lower the learning rate or use bf16/no mixed precision."
+                    )
 
-        if step % cfg.train.log_every == 0 or step == scfg.steps:
-            elapsed = time.perf_counter() - t_window
-            local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
-                                 device=acc.device, dtype=torch.float64)
-            mean = acc.reduce(local, reduction="mean")
-            skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
-            keys = sorted(sums)
-            logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
-            data_s, compute_s, wall = (float(x) for x in mean[len(keys):])
-            logged.update({
-                f"{name}/time_data_ms": 1000 * data_s / window_steps,
-                f"{name}/time_compute_ms": 1000 * compute_s / window_steps,
-                f"{name}/samples_per_s": window_steps * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
-                f"{name}/nonfinite_skipped": nonfinite_total,
-                f"{name}/corrupt_samples": skipped,
-                f"{name}/peak_mem_mb": _peak_memory_mb(acc),
-            })
-            tracker.log_metrics(logged, step=global_offset + step)
-            acc.print(f"[{name}] step {step}/{scfg.steps} " + " ".join(
-                f"{k.split('/')[-1]}={v:.4g}" for k, v in logged.items() if not k.endswith(("_skipped", "_samples"))))
-            sums, counts, window_steps, t_data, t_compute, t_window = {}, {}, 0, 0.0, 0.0, time.perf_counter()
+            if step % cfg.train.log_every == 0 or step == scfg.steps:
+                elapsed = time.perf_counter() - t_window
+                local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
+                                     device=acc.device, dtype=torch.float64)
+                mean = acc.reduce(local, reduction="mean")
+                skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
+                keys = sorted(sums)
+                logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
+                data_s, compute_s, wall = (float(x) for x in mean[len(keys):])
+                logged.update({
+                    f"{name}/time_data_ms": 1000 * data_s / window_steps,
+                    f"{name}/time_compute_ms": 1000 * compute_s / window_steps,
+                    f"{name}/samples_per_s": window_steps * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
+                    f"{name}/nonfinite_skipped": nonfinite_total,
+                    f"{name}/corrupt_samples": skipped,
+                    f"{name}/peak_mem_mb": _peak_memory_mb(acc),
+                })
+                tracker.log_metrics(logged, step=global_offset + step)
+                progress.say(f"[{name}] {progress.status(step)} " + " ".join(
+                    f"{k.split('/')[-1]}={v:.4g}" for k, v in logged.items() if not k.endswith(("_skipped", "_samples"))))
+                sums, counts, window_steps, t_data, t_compute, t_window = {}, {}, 0, 0.0, 0.0, time.perf_counter()
 
-        if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
-            grid = stage.sample_grid(fixed)
-            if grid is not None:
-                tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
-                _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
-            extra = stage.sample_metrics(fixed)
-            if extra:
-                tracker.log_metrics({f"{name}/{k}": v for k, v in extra.items()}, step=global_offset + step)
-                acc.print(f"[{name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in extra.items()))
+            if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
+                grid = stage.sample_grid(fixed)
+                if grid is not None:
+                    grid = with_title(grid, f"{name} samples, step {step} of {scfg.steps} "
+                                            f"(global step {global_offset + step})")
+                    tracker.log_image(grid, key=f"{name}_samples", step=global_offset + step)
+                    _save_png(grid, run_dir / "samples" / f"{name}-{step:07d}.png")
+                extra = stage.sample_metrics(fixed)
+                if extra:
+                    tracker.log_metrics({f"{name}/{k}": v for k, v in extra.items()}, step=global_offset + step)
+                    progress.say(f"[{name}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in extra.items()))
 
-        if step == scfg.steps:
-            break
-        if preempt.should_stop(acc):
-            save(step)
-            acc.print(f"[{name}] preempted at step {step}, checkpoint saved")
-            return "preempted"
-        if step % cfg.train.checkpoint_every == 0:
-            save(step)
+            if step == scfg.steps:
+                break
+            if preempt.should_stop(acc):
+                save(step)
+                why = "interrupted (Ctrl-C)" if preempt.reason() == "SIGINT" else "preempted"
+                progress.say(f"[{name}] {why} at step {step}, checkpoint saved")
+                return "preempted"
+            if step % cfg.train.checkpoint_every == 0:
+                save(step)
 
-    save(step)
-    if acc.is_main_process:
-        stage.write_model(stage_dir / "model.safetensors")
-    acc.wait_for_everyone()
-    return "finished"
+        save(step)
+        if acc.is_main_process:
+            stage.write_model(stage_dir / "model.safetensors")
+        acc.wait_for_everyone()
+        return "finished"
+    finally:
+        progress.close()
 
 
 def save_failed(e: checkpoint.CheckpointWriteError, ckpt_root: Path, stage: str) -> TrainingStopped:

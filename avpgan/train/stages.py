@@ -36,6 +36,10 @@ from avpgan.features import LogMel
 from avpgan.images import make_grid
 from avpgan.train.ema import EMA
 
+# Sample grids show each face at 128 px or more: the MLflow UI fits a grid into its image card,
+# where a row of 64 px faces is too small to judge.
+SAMPLE_CELL = 128
+
 
 def read_weights(path: Path, what: str, stage: str) -> dict[str, torch.Tensor]:
     """The weights a stage needs from an earlier one, with an error that says how to get them."""
@@ -312,12 +316,14 @@ class GanStage(Stage):
     def sample_grid(self, fixed: dict) -> np.ndarray:
         if "embedding" not in fixed and "audio" in fixed:  # audio path: validation voices only
             fake = self.ema(self.embed(fixed, 0.0)).clamp(-1, 1)
-            return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0])
-        rows = []
+            return make_grid([fixed["face"], fake], nrow=fixed["face"].shape[0],
+                             row_labels=["real (val)", "generated (val)"], min_cell=SAMPLE_CELL)
+        rows, labels = [], []
         for split in ("train", "val"):
             fake = self.ema(self.embed({"embedding": fixed[f"{split}_grid_embedding"]}, 0.0)).clamp(-1, 1)
             rows += [fixed[f"{split}_grid_face"], fake]
-        return make_grid(rows, nrow=rows[0].shape[0])
+            labels += [f"real ({split})", f"generated ({split})"]
+        return make_grid(rows, nrow=rows[0].shape[0], row_labels=labels, min_cell=SAMPLE_CELL)
 
     @torch.no_grad()
     def sample_metrics(self, fixed: dict) -> dict[str, float]:
@@ -393,7 +399,7 @@ class PriorStage(Stage):
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
-        return make_grid([self.ema(fixed["z"]).clamp(-1, 1)], nrow=8)
+        return make_grid([self.ema(fixed["z"]).clamp(-1, 1)], nrow=8, row_labels=["generated"], min_cell=SAMPLE_CELL)
 
 
 class RestoreStage(Stage):
@@ -468,7 +474,8 @@ class RestoreStage(Stage):
         g = self.acc.unwrap_model(self.g).eval()
         restored = g(fixed["lq"]).clamp(-1, 1)
         lq_up = F.interpolate(fixed["lq"], size=restored.shape[-2:], mode="nearest")
-        return make_grid([fixed["target"], lq_up, restored], nrow=restored.shape[0])
+        return make_grid([fixed["target"], lq_up, restored], nrow=restored.shape[0],
+                         row_labels=["real", "degraded", "restored"], min_cell=SAMPLE_CELL)
 
 
 STAGES: dict[str, type[Stage]] = {s.name: s for s in (VoiceStage, EmbedderStage, GanStage, PriorStage, RestoreStage)}

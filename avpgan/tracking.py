@@ -10,7 +10,9 @@ full the oldest metric step or image is dropped (params, config, artifacts and t
 never dropped). `finish()` waits for the queue and says what never reached MLflow, per kind.
 
 What lands in the run: the flattened config as params (once: on resume only new keys; MLflow
-cannot change a param), the config as `config.yaml`, one `log_batch` per log step, sample grids
+cannot change a param), the config as `config.yaml`, tags that say how to run it again
+(`reproducibility_tags`: versions, git commit, world size, device, SLURM job; set again on
+every resume, so they describe the latest session) and a description, one `log_batch` per log step, sample grids
 as image time series, files such as the exported model as artifacts, and `system/*` metrics of
 rank 0's node (other nodes may add theirs with `attach_node_monitor`).
 
@@ -26,6 +28,8 @@ import logging
 import os
 import posixpath
 import re
+import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter, deque
@@ -52,8 +56,46 @@ WORKER_NAME = "avpgan-mlflow"
 
 @dataclass
 class _Item:
-    kind: str  # params | config | metrics | images | artifacts | end
+    kind: str  # params | config | tags | metrics | images | artifacts | model | end
     payload: Any
+
+
+def reproducibility_tags(world_size: int, device: str, mixed_precision: str) -> dict[str, str]:
+    """What a reader needs to run this run again the same way: the versions of avpgan and of the
+    libraries that decide its numbers, the code's git commit (when the package is a git checkout;
+    `avpgan.git_dirty` says whether it had uncommitted changes), how many processes on which
+    device with which precision, and the SLURM job and nodes (when there is one)."""
+    import accelerate
+    import mlflow
+    import torch
+
+    import avpgan
+
+    tags = {"avpgan.version": avpgan.__version__, "avpgan.torch_version": torch.__version__,
+            "avpgan.accelerate_version": accelerate.__version__, "avpgan.mlflow_version": mlflow.__version__,
+            "avpgan.world_size": str(world_size), "avpgan.device": device,
+            "avpgan.mixed_precision": mixed_precision}
+    commit, dirty = _git_state(Path(avpgan.__file__).resolve().parent)
+    if commit:
+        tags["avpgan.git_commit"] = commit
+        tags["avpgan.git_dirty"] = str(dirty).lower()
+    for env, key in (("SLURM_JOB_ID", "avpgan.slurm_job_id"), ("SLURM_JOB_NODELIST", "avpgan.slurm_nodelist")):
+        if os.environ.get(env):
+            tags[key] = os.environ[env]
+    return tags
+
+
+def _git_state(folder: Path) -> tuple[str | None, bool]:
+    """(HEAD commit, uncommitted changes?) of the git checkout holding `folder`; (None, False)
+    when it is no checkout (an installed wheel) or git is missing or slow."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit or None, bool(status.strip())
 
 
 def resolve_uri(cfg: TrackingConfig, run_dir: Path) -> str:
@@ -72,6 +114,61 @@ def sqlite_artifact_root(uri: str) -> str | None:
         return None
     db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     return (db.parent / "mlruns").resolve().as_posix()
+
+
+def repoint_moved_store(uri: str) -> int:
+    """Make a moved or copied sqlite store point at its own artifacts again; returns rows changed.
+
+    MLflow records artifact locations as absolute paths: `/old/RUN/mlruns` for the experiment,
+    `/old/RUN/mlruns/<run>/artifacts` for each run, `.../models/<id>/artifacts` for logged models.
+    After `mv /old/RUN /new/RUN` (or a copy to another machine) the store would still serve, and
+    a resumed run still write, artifacts at the old place. This project always keeps artifacts in
+    `mlruns/` beside the .db file, so any location of that form under another directory is
+    rewritten to the store's own `mlruns/`. A store that never moved is left as it is."""
+    root = sqlite_artifact_root(uri)
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0]) if root else None
+    if db is None or not db.is_file():
+        return 0
+    changed = 0
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:  # one transaction
+            changed = _repoint(con, root)
+    finally:
+        con.close()
+    if changed:
+        log.warning("MLflow store %s was moved: its artifact locations now point at %s", db, root)
+    return changed
+
+
+def _repoint(con: sqlite3.Connection, root: str) -> int:
+    """Rewrite every `<dir>/mlruns` location other than `root` (and what lies under it) to `root`."""
+    tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "experiments" not in tables:
+        return 0
+    old_roots = {loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                 if loc and loc.removeprefix("file://").endswith("/mlruns") and loc.removeprefix("file://") != root}
+    changed = 0
+    for old in old_roots:
+        changed += con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?",
+                               (root, old)).rowcount
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            if table in tables:  # logged_models: MLflow 3
+                changed += con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (root, len(old) + 1, len(old) + 1, old + "/")).rowcount
+    return changed
+
+
+def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """How to look at a run: its page on a tracking server, or the `mlflow ui` command for a
+    local store (with job execution off, so that no worker processes stay behind after Ctrl-C)."""
+    if uri.startswith(("http://", "https://")):
+        if experiment_id and run_id:
+            return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return uri
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} --port 5000 "
+            "(then open http://127.0.0.1:5000)")
 
 
 def _set_http_defaults(cfg: TrackingConfig) -> None:
@@ -159,6 +256,8 @@ class Tracker:
         self._dropping_warned = False
         self._warned: set[str] = set()
         self._client = None
+        self.experiment_id: str | None = None
+        self.model_uri: str | None = None  # the logged MLflow Model, once sent
         self._run_name: str | None = None
         self._resumed = False
         self._existing_params: dict[str, str] = {}
@@ -169,8 +268,9 @@ class Tracker:
     # ------------------------------------------------------------------------------------------
     # The training loop's side: cheap, never raises.
 
-    def start(self, params: dict[str, Any], config_yaml: str, run_name: str | None = None) -> str | None:
-        """Queue params and config, start sending, wait up to start_timeout_s for the run to exist.
+    def start(self, params: dict[str, Any], config_yaml: str, run_name: str | None = None,
+              tags: dict[str, str] | None = None) -> str | None:
+        """Queue params, config and tags, start sending, wait up to start_timeout_s for the run to exist.
 
         Returns the run id, or None when the tracking store is not reachable yet (training goes on;
         the run is created when it comes back) or on ranks that do not track.
@@ -183,6 +283,8 @@ class Tracker:
         self._run_name = run_name or self.cfg.run_name or None
         self._put("params", clean_params(params))
         self._put("config", config_yaml)
+        if tags:
+            self._put("tags", {clean_key(k): str(v) for k, v in tags.items()})
         self._thread = threading.Thread(target=self._work, name=WORKER_NAME, daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
@@ -234,6 +336,14 @@ class Tracker:
             return
         self._put("artifacts", (str(path.resolve()), artifact_path))
 
+    def log_model(self, bundle_path: Path, step: int) -> None:
+        """Log an exported bundle as the run's MLflow Model (avpgan/mlflow_model.py): it shows
+        under the run's logged models and `mlflow.pyfunc.load_model(uri).predict(waveforms)`
+        makes faces. `self.model_uri` holds its models:/ URI once sent."""
+        if not self.active or self._finished:
+            return
+        self._put("model", (str(Path(bundle_path).resolve()), int(step)))
+
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued so far is sent (or refused); False if that did not happen
         within `timeout_s` (during an outage it cannot)."""
@@ -245,11 +355,12 @@ class Tracker:
                                 timeout_s)
             return not self._queue and self._inflight is None
 
-    def finish(self, status: str = "FINISHED") -> dict[str, int]:
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> dict[str, int]:
         """End the run (FINISHED | FAILED | KILLED) after sending what is queued.
 
-        Waits up to finish_timeout_s while the store takes items; gives up at once when it is
-        unreachable. Returns {kind: items not logged}, which is also logged as a warning.
+        Waits up to `timeout_s` (default finish_timeout_s) while the store takes items; gives up
+        at once when it is unreachable. Returns {kind: items not logged}, which is also logged
+        as a warning.
         """
         self._stop_node_monitors()
         if not self.active or self._finished:
@@ -263,7 +374,7 @@ class Tracker:
             self._closing = True
             self._cond.notify_all()
         self._wake.set()
-        self._thread.join(self.cfg.finish_timeout_s)
+        self._thread.join(self.cfg.finish_timeout_s if timeout_s is None else timeout_s)
         return self._report()
 
     def attach_node_monitor(self, run_id: str, node_id: str) -> bool:
@@ -411,6 +522,8 @@ class Tracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
+        if self.uri.startswith("sqlite:///"):
+            repoint_moved_store(self.uri)
         client = MlflowClient(self.uri)
         if self.run_id:
             try:
@@ -429,6 +542,7 @@ class Tracker:
             experiment_id = self._experiment(client)
             run = client.create_run(experiment_id, run_name=self._run_name, tags=_source_tags())
             self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
         self._client = client
         self._save_run_id()
         if self.cfg.system_metrics:
@@ -459,7 +573,7 @@ class Tracker:
             log.warning("MLflow: cannot write %s/mlflow_run_id: %s", self.run_dir, e)
 
     def _send(self, item: _Item) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         client, run_id = self._client, self.run_id
         if item.kind == "params":
@@ -482,6 +596,8 @@ class Tracker:
         elif item.kind == "config":
             if self._config_name:
                 client.log_text(run_id, item.payload, self._config_name)
+        elif item.kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in item.payload.items()], synchronous=True)
         elif item.kind == "metrics":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in item.payload]
             for i in range(0, len(metrics), METRICS_PER_BATCH):
@@ -492,6 +608,12 @@ class Tracker:
         elif item.kind == "artifacts":
             path, artifact_path = item.payload
             client.log_artifact(run_id, path, artifact_path)
+        elif item.kind == "model":
+            from avpgan.mlflow_model import log_bundle_model
+
+            path, step = item.payload
+            self.model_uri = log_bundle_model(self.uri, self.experiment_id, run_id, Path(path), step)
+            log.info("MLflow run %s: model %s", run_id, self.model_uri)
         elif item.kind == "end":
             if self._monitor is not None:
                 self._stop_monitor(self._monitor)
