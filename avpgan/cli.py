@@ -185,6 +185,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from avpgan.serve import serve
+
+    serve(Path(args.model), host=args.host, port=args.port, seconds=args.seconds, restore=not args.no_restore,
+          max_upload_mb=args.max_upload_mb, max_files=args.max_files)
+    return 0
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Ends every flag's help with its default, or says it is required, so that `--help` alone
     says what a command does when a flag is left out. A flag whose help already names its
@@ -323,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "in grid.png (default: none)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="voices per batch")
     p.set_defaults(func=cmd_generate)
+
+    p = _command(sub, "serve", "a local web page that makes faces from uploaded or recorded voices")
+    p.add_argument("model", help="bundle file (avpgan export) or run directory; loaded once, at start")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 opens the page to the network (browsers then allow "
+                        "recording only over https)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0: any free port (printed at start)")
+    p.add_argument("--seconds", type=positive_float, default=None,
+                   help="clip length in seconds, as in generate (default: the model's training crop)")
+    p.add_argument("--no-restore", action="store_true", help="skip the restoration model: show the GAN's faces only")
+    p.add_argument("--max-upload-mb", type=positive_int, default=50, help="largest upload, all files together, in MB")
+    p.add_argument("--max-files", type=positive_int, default=32, help="most files in one upload")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -14,7 +14,7 @@ from avpgan.cli import build_parser, main
 
 COMMANDS = {("config", "list"), ("config", "show"), ("config", "doc"), ("synth",), ("shards", "build"),
             ("shards", "check"), ("bank", "build"), ("train",), ("export",), ("import-voice2face",),
-            ("evaluate",), ("generate",)}
+            ("evaluate",), ("generate",), ("serve",)}
 
 
 def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
