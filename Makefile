@@ -41,6 +41,9 @@ demo: setup
 test: setup
 	# The SLURM tests start a real single-node cluster: slurm-wlm comes from Debian.
 	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null)
+	# tests/test_serve.py drives the page of `avpgan serve` in Debian's headless chromium (about a minute).
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 	$(PY) -m pytest -q
 
 clean-demo:

@@ -71,6 +71,7 @@ def test_the_wheel_holds_every_module_and_config(venv, elsewhere):
     assert package.is_relative_to(venv), f"avpgan imported from {package}, not from the venv"
     modules = {p.relative_to(ROOT / "avpgan") for p in (ROOT / "avpgan").rglob("*.py")}
     assert modules <= {p.relative_to(package) for p in package.rglob("*.py")}, "pyproject.toml misses a subpackage"
+    assert (package / "serve.html").is_file(), "the page of avpgan serve is not package data"
     assert sorted(p.name for p in (package / "configs").glob("*.yaml")) == \
         sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
