@@ -75,6 +75,10 @@ CI_METHOD = "Student t over identities (n - 1 degrees of freedom)"
 RECALL_KS = (1, 5, 10)
 PROBE_ATTRIBUTES = {"gender": "accuracy", "age": "pearson_r", "size": "pearson_r", "tone": "pearson_r"}
 LITE0_PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # the Lite0 probe's lambda is chosen from these
+# The Lite0 probe also learns from real faces whose detail was cut to 1/2 and 1/4 of their size
+# (shrunk, then scaled back): fitted on sharp faces alone it reads sharpness as much as gender
+# (real SynthVox test faces at 1/2 detail: gender 0.58 against 0.93 sharp, docs/gan_recipe.md).
+LITE0_PROBE_DETAILS = (2, 4)
 # 16 x 16: coarse enough that 64 px generated and 128 px real faces land on the same grid and
 # 768 inputs stay learnable from a few hundred train faces, fine enough for hair, beard and skin.
 PIXEL_PROBE_SIZE = 16
@@ -410,6 +414,8 @@ class _Embedded:
             vectors["emb"] = self.embed(faces)
         for size in self.real_sizes:
             vectors[size] = self.features(resized(faces, size)).astype(np.float32)
+            for div in LITE0_PROBE_DETAILS:
+                vectors[(size, div)] = self.features(resized(resized(faces, size // div), size)).astype(np.float32)
         for kind, batch in vectors.items():
             for (name, _), v in zip(self.faces, batch):
                 self.real[name][kind].append(v)
@@ -425,6 +431,8 @@ class _Embedded:
                         "real": np.stack(real["emb"]) if real["emb"] else None,
                         "real_pixels": np.stack(real["pixels"]) if real["pixels"] else None,
                         "real_lite0": {size: np.stack(real[size]) for size in self.real_sizes if real[size]},
+                        "real_lite0_detail": {size: {div: np.stack(real[(size, div)]) for div in LITE0_PROBE_DETAILS}
+                                              for size in self.real_sizes if real[size]},
                         "gen": self._generated(name, "emb"), "gen_lite0": self._generated(name, "lite0"),
                         "gen_pixels": self._generated(name, "pixels")})
         return out
@@ -537,13 +545,15 @@ def fit_lite0_probes(train: list[dict], attributes: dict[str, dict], size: int) 
     """Ridge probes on the train faces' EfficientNet-Lite0 features at `size` px, lambda chosen
     by `choose_ridge`: ImageNet features see hair, beards and face shape that 16 x 16 pixels
     blur away, and they come from a network this project never trains, so no model here can
-    have learned to please them."""
+    have learned to please them. Each face counts at full detail and at LITE0_PROBE_DETAILS, so
+    that a blurry face is judged by what it shows, not by its blur."""
     x, truth, groups = [], [], []
     for r in train:
         if size in r["real_lite0"] and r["name"] in attributes:
-            x.append(r["real_lite0"][size])
-            truth += [attributes[r["name"]]] * len(r["real_lite0"][size])
-            groups += [r["name"]] * len(r["real_lite0"][size])
+            for v in (r["real_lite0"][size], *r["real_lite0_detail"][size].values()):
+                x.append(v)
+                truth += [attributes[r["name"]]] * len(v)
+                groups += [r["name"]] * len(v)
     if not x:
         return {}, None
     x = np.concatenate(x).astype(np.float64)
@@ -618,6 +628,10 @@ def _summarise(records: list[dict], train: list[dict], seconds_keys: list[str], 
         scores = _attribute_scores(p, [r["real_lite0"][size] for r in usable], truth_real)
         if scores is not None:
             out.setdefault("attributes_lite0_real_reference", {})[str(size)] = scores
+        for div in LITE0_PROBE_DETAILS:  # the probe's ceiling on real faces as blurry as a generator's
+            scores = _attribute_scores(p, [r["real_lite0_detail"][size][div] for r in usable], truth_real)
+            if scores is not None:
+                out.setdefault("attributes_lite0_real_reference_detail", {})[f"{size}/{size // div}"] = scores
     out["distribution_real_reference"] = {}
     for size in sorted(set(sizes.values())):
         d = feature_distances(_features([r["real_lite0"][size] for r in usable]),
@@ -756,7 +770,9 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         }
         results["lite0_probe"] = {
             "model": "ridge regression on EfficientNet-Lite0 features (the distribution metric's), standardised "
-                     "with the train mean and std; one probe per face size; lambda chosen by 5-fold "
+                     "with the train mean and std; one probe per face size, fitted on each train face at full "
+                     f"detail and shrunk to 1/{' and 1/'.join(map(str, LITE0_PROBE_DETAILS))} of its size and "
+                     "scaled back (so blur alone does not decide); lambda chosen by 5-fold "
                      f"cross-validation over train identities from {list(LITE0_PROBE_RIDGES)}",
             "lambda": {str(k): v for k, v in lite0_ridges.items()},
             "trained_on": results["attribute_probe"]["trained_on"],
@@ -908,6 +924,9 @@ def table(results: dict) -> list[str]:
         lines.append("attribute probe on EfficientNet-Lite0 features (gender: accuracy; others: Pearson r):")
         for size, ref in results["attributes_lite0_real_reference"].items():
             lines.append(f"      real faces at {size} px: {_fmt_attr(ref)}")
+        for detail, ref in results.get("attributes_lite0_real_reference_detail", {}).items():
+            size, low = detail.split("/")
+            lines.append(f"      real faces at {size} px with {low} px detail: {_fmt_attr(ref)}")
         for s, variants in results["results"].items():
             for variant, r in variants.items():
                 lines.append(f"{s:>5s} {variant:9s} {_fmt_attr(r.get('attributes_lite0', {}))}")

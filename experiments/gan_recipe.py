@@ -54,6 +54,12 @@ ap.add_argument("--bn", type=int, default=1); ap.add_argument("--tanh", type=int
 ap.add_argument("--sn", type=int, default=0); ap.add_argument("--dsn", type=int, default=0); ap.add_argument("--cbam", type=int, default=0); ap.add_argument("--lr", type=float, default=2e-4); ap.add_argument("--glr", type=float, default=0)
 ap.add_argument("--aug", default="", help="DiffAugment ops before D, e.g. color,translation,cutout"); ap.add_argument("--ema", type=float, default=0.999); ap.add_argument("--up", default="transposed"); ap.add_argument("--r1", type=float, default=0.0)
 ap.add_argument("--secs", type=float, default=4.0); ap.add_argument("--tag", default="x"); ap.add_argument("--every", type=int, default=250); ap.add_argument("--cw", type=float, default=1.0)
+ap.add_argument("--l1", type=float, default=0.0, help="weight of G's L1 to a photo of the voice's identity, at --l1size px")
+ap.add_argument("--l1size", type=int, default=16)
+ap.add_argument("--adv", type=float, default=1.0, help="weight of G's adversarial term")
+ap.add_argument("--size", type=int, default=64, help="train the GAN at this face size (G and D widths must match); faces are scored at 64 px")
+ap.add_argument("--robust", type=int, default=0, help="fit the Lite0 probe on real faces at 64, 32 and 16 px detail")
+ap.add_argument("--cblur", type=int, default=0, help="C judges identity on faces low-passed to this size (0: full resolution)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
 tr, te = load_split("train"), load_split("test")
@@ -72,6 +78,9 @@ t0=time.time(); btr = bank(tr, 8, 0); bte = bank(te, 1, 1)[:,0]; print("bank", t
 ftr = faces_t(tr["face"]); fte = faces_t(te["face"]); ltr = torch.from_numpy(tr["label"])
 ids = int(ltr.max())+1
 by_id = [torch.nonzero(ltr==l).flatten() for l in range(ids)]
+resize = lambda x, n: F.interpolate(x, size=(n, n), mode="bilinear", antialias=x.shape[-1] > n, align_corners=False)
+ftr_train = resize(ftr, a.size) if a.size != 64 else ftr
+lowpass = lambda x: resize(resize(x, a.cblur), x.shape[-1]) if a.cblur else x
 torch.manual_seed(0)
 gch, dch = json.loads(a.gch), json.loads(a.dch)
 G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init, upsample=a.up)
@@ -88,41 +97,61 @@ pg, pt = ridge(ptr, yg, 10.0), ridge(ptr, yt, 10.0)
 ygte = np.array([A[nm]["gender"] for nm in te["names"]]); ytte = np.array([A[nm]["tone"] for nm in te["names"]])
 from avpgan.image_stats import FaceFeatures
 lite0 = FaceFeatures("cpu")
-ltr0 = lite0(ftr); mu0, sd0 = ltr0.mean(0), ltr0.std(0) + 1e-6
-lg_, lt_ = ridge((ltr0 - mu0) / sd0, yg, 1000.0), ridge((ltr0 - mu0) / sd0, yt, 1000.0)
+# --robust: fit the Lite0 probe on real train faces at 64, 32 and 16 px detail (each resized back to
+# 64), so that it reads gender and tone rather than sharpness
+scales = [64, 32, 16] if a.robust else [64]
+ltr0 = np.concatenate([lite0(resize(resize(ftr, n), 64)) for n in scales]); mu0, sd0 = ltr0.mean(0), ltr0.std(0) + 1e-6
+yg_r, yt_r = np.tile(yg, len(scales)), np.tile(yt, len(scales))
+lg_, lt_ = ridge((ltr0 - mu0) / sd0, yg_r, 1000.0), ridge((ltr0 - mu0) / sd0, yt_r, 1000.0)
 lp = lambda f: (lite0(f) - mu0) / sd0
+for n in (32, 16):
+    l0 = lp(resize(resize(fte, n), 64)); print(f"real test at {n} px detail, Lite0 probe: gender", np.mean(np.sign(lg_(l0)) == ygte), "tone r", np.corrcoef(lt_(l0), ytte)[0, 1])
 l0 = lp(fte); print("real test, Lite0 probe: gender", np.mean(np.sign(lg_(l0)) == ygte), "tone r", np.corrcoef(lt_(l0), ytte)[0, 1])
 pte = pix(fte); print("real test: gender", np.mean(np.sign(pg(pte))==ygte), "tone r", np.corrcoef(pt(pte), ytte)[0,1])
 # fixed grid: 8 train ids, 8 test ids
 gtr_i = torch.tensor([by_id[l][0].item() for l in range(0, ids, ids//8)][:8]); gte_i = torch.arange(0, len(te["audio"]), len(te["audio"])//8)[:8]
+trv_i = torch.tensor([by_id[l][0].item() for l in range(ids)])  # one utterance per train identity
 def evaluate(net, s, mode="eval"):
     net.train(mode == "train")
     with torch.no_grad():
-        fake = net(bte).clamp(-1,1); ftrain = net(btr[gtr_i,0]).clamp(-1,1)
+        fake = resize(net(bte).clamp(-1,1), 64); ftrain = resize(net(btr[gtr_i,0]).clamp(-1,1), 64)
     net.train()
     p = pix(fake); gacc = np.mean(np.sign(pg(p))==ygte); tr_ = np.corrcoef(pt(p), ytte)[0,1]
     spread = fake.std(0).mean().item() / fte.std(0).mean().item()
     l = lp(fake); lgacc = np.mean(np.sign(lg_(l)) == ygte); ltr = np.corrcoef(lt_(l), ytte)[0, 1]
+    with torch.no_grad():
+        net.train(mode == "train"); ftv = resize(net(btr[trv_i, 0]).clamp(-1, 1), 64); net.train()
+    trg = np.mean(np.sign(lg_(lp(ftv))) == yg[trv_i.numpy()]); trpg = np.mean(np.sign(pg(pix(ftv))) == yg[trv_i.numpy()])
     grid = make_grid([ftr[gtr_i], ftrain, fte[gte_i], fake[gte_i]], nrow=8)
     save_png(grid, EXP / f"grid_{a.tag}_{s:05d}.png")
-    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}"
+    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}"
 t0=time.time()
 for s in range(1, a.steps+1):
     i = torch.randint(0, len(btr), (a.batch,)); k = torch.randint(0, 8, (a.batch,))
     emb = models.voice_embedding(btr[i, k], 0.05); lab = ltr[i]
     fi = torch.stack([by_id[l][torch.randint(0, len(by_id[l]), (1,))].squeeze() for l in lab.tolist()])
-    face = ftr[fi]; flip = torch.rand(a.batch) < 0.5; face = torch.where(flip[:,None,None,None], face.flip(3), face)
+    face = ftr_train[fi]; flip = torch.rand(a.batch) < 0.5; face = torch.where(flip[:,None,None,None], face.flip(3), face)
     fake = G(emb)
     real_in = T(face).requires_grad_(a.r1 > 0)
-    logit, idl = D(torch.cat([real_in, T(fake.detach())]))
-    ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+    if a.cblur:
+        logit, idl = D(torch.cat([real_in, T(fake.detach()), lowpass(real_in)]))
+        ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:2 * a.batch]); lc, pc = models.c_loss(idl[2 * a.batch:], lab)
+    else:
+        logit, idl = D(torch.cat([real_in, T(fake.detach())]))
+        ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
     if a.r1 > 0:
         g, = torch.autograd.grad(logit[:a.batch].sum(), real_in, create_graph=True)
         ld = ld + 0.5 * a.r1 * g.square().flatten(1).sum(1).mean()
     od.zero_grad(); (ld+lc).backward(); od.step()
-    fl, fid = D(T(fake))
-    lg = F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
+    if a.cblur:
+        fl, fid = D(torch.cat([T(fake), lowpass(T(fake))])); fl, fid = fl[:a.batch], fid[a.batch:]
+    else:
+        fl, fid = D(T(fake))
+    lg = a.adv*F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
+    if a.l1 > 0:
+        down = lambda x: F.interpolate(x, size=(a.l1size, a.l1size), mode="bilinear", antialias=True, align_corners=False)
+        lg = lg + a.l1 * (down(fake) - down(face)).abs().mean()
     og.zero_grad(); lg.backward(); og.step(); D.zero_grad(set_to_none=True)
     ema.update(G)
     if s % a.every == 0 or s == a.steps:
-        print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| G(train BN):", evaluate(__import__("copy").deepcopy(G), s+2, "train"), "| EMA:", evaluate(ema.module, s+1), flush=True)
+        print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| EMA:", evaluate(ema.module, s+1), flush=True)

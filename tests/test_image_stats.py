@@ -133,7 +133,10 @@ def test_lite0_probe_picks_ridge_by_held_out_identities_and_recovers_gender():
             attrs[f"id{offset + i}"] = {"gender": g, "age": float(rng.uniform(20, 70)),
                                         "size": float(rng.normal()), "tone": float(rng.uniform())}
             feats = 0.5 * g * direction + rng.normal(scale=3.0, size=(per_id, dim))
-            out.append({"name": f"id{offset + i}", "real_lite0": {64: feats.astype(np.float32)}})
+            detail = {div: (0.5 * g * direction + rng.normal(scale=3.0, size=(per_id, dim))).astype(np.float32)
+                      for div in ev.LITE0_PROBE_DETAILS}
+            out.append({"name": f"id{offset + i}", "real_lite0": {64: feats.astype(np.float32)},
+                        "real_lite0_detail": {64: detail}})
         return out, attrs
 
     train, attrs = people(150, 0)
@@ -145,3 +148,32 @@ def test_lite0_probe_picks_ridge_by_held_out_identities_and_recovers_gender():
     scores = ev.probe_scores(probes, x, truth)
     assert scores["gender"] > 0.9 and abs(scores["tone"]) < 0.3
     assert ev.fit_lite0_probes(train, attrs, 128) == ({}, None)  # no features at that size
+
+
+def test_lite0_probe_learns_from_blurred_faces_too():
+    """Blur moves every face's features the same way, partly along the gender direction: a
+    probe fitted on sharp faces alone calls every blurry face one gender; fitted on the
+    shrunk copies as well (what `_Embedded` records), it reads gender through the blur."""
+    rng = np.random.default_rng(6)
+    dim, per_id = 40, 4
+    direction = np.zeros(dim); direction[0] = 1.0
+    blur = np.zeros(dim); blur[0], blur[1] = 3.0, 3.0  # shifts along gender and along its own axis
+
+    def people(n, offset):
+        out, attrs = [], {}
+        for i in range(n):
+            g = float(rng.choice([-1.0, 1.0]))
+            attrs[f"id{offset + i}"] = {"gender": g, "age": 40.0, "size": 0.0, "tone": float(rng.uniform())}
+            face = lambda: (g * direction + rng.normal(scale=0.5, size=(per_id, dim))).astype(np.float32)
+            out.append({"name": f"id{offset + i}", "real_lite0": {64: face()},
+                        "real_lite0_detail": {64: {div: face() + blur.astype(np.float32)
+                                                   for div in ev.LITE0_PROBE_DETAILS}}})
+        return out, attrs
+
+    train, attrs = people(80, 0)
+    test, test_attrs = people(40, 1000)
+    blurry = np.concatenate([r["real_lite0_detail"][64][2] for r in test])
+    truth = [test_attrs[r["name"]] for r in test for _ in range(per_id)]
+    sharp_only = [{**r, "real_lite0_detail": {64: {}}} for r in train]
+    assert ev.probe_scores(ev.fit_lite0_probes(sharp_only, attrs, 64)[0], blurry, truth)["gender"] < 0.7
+    assert ev.probe_scores(ev.fit_lite0_probes(train, attrs, 64)[0], blurry, truth)["gender"] > 0.9
