@@ -11,7 +11,8 @@ Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/
 - every step re-seeds torch's RNG from (seed, stage, rank, step), so noise, dropout and
   augmentation inside a step depend on the step number only, not on what ran before;
 - the batch source is a pure function of its saved position (`StreamPosition`, `BankPosition`);
-- models, EMA, optimizers and scaler round-trip exactly through `checkpoint.py`.
+- models, EMA, optimizers and the fp16 grad scaler round-trip exactly through `checkpoint.py`;
+  nothing else needs saving (no RNG state: the per-step re-seeding above replaces it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int = errors.EXIT_INPUT):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Checkpoint entries that older checkpoints lack: before avpgan saved the grad scaler, an fp16
+# run's checkpoints had none; resuming one, the scaler starts again from its initial scale.
+OPTIONAL_STATE = ("scaler",)
 
 
 def _seed_for(*key) -> int:
@@ -255,15 +261,18 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     seed_everything(_seed_for(cfg.train.seed, name, "init"))
     stage = stage_cls(cfg, acc, run_dir)
     state = stage.state()
+    if acc.scaler is not None:  # fp16 on a GPU: the loss scale and its growth count go on where they were
+        state["scaler"] = acc.scaler
 
     step, saved, start = 0, None, None
     if resume == "auto":  # the newest checkpoint that verifies; each refused one is named in the log
-        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"))
+        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"),
+                                       optional=OPTIONAL_STATE)
         if found is not None:
             start, meta, rank_state = found
     elif resume != "never":  # a checkpoint the user named: no fallback
         start = Path(resume)
-        meta, rank_state = checkpoint.load(start, state)
+        meta, rank_state = checkpoint.load(start, state, optional=OPTIONAL_STATE)
     if start is not None:
         step = int(meta["step"])
         saved = (rank_state or {}).get("stream")
