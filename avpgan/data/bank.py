@@ -341,10 +341,6 @@ class BankPosition:
     # What a resume on another world size does (the loop says so): draws continue at the step.
     on_new_world: ClassVar[str] = "the bank sampler goes on at this step, drawing for the new ranks (see docs/training.md)"
 
-    def update(self, batch: dict) -> None:
-        """Record a batch the loop has consumed."""
-        self.step = int(batch["step"]) + 1
-
     def state_dict(self) -> dict:
         return {"step": self.step}
 
@@ -359,8 +355,11 @@ class BankSampler:
     Voice2Face's sampling: a voice is utterance i (uniform) with one of its K crops (uniform),
     its face one of the bank's faces of the same identity (uniform; not necessarily i's own),
     flipped horizontally with p = 0.5. Batches: `embedding` float32 [B, D] (unit), `face`
-    float32 [B, 3, H, W] in [-1, 1], `label` int64 [B], and `step` for `BankPosition.update`.
+    float32 [B, 3, H, W] in [-1, 1], `label` int64 [B]. Like the shard stream's `Batches`, it
+    tells its `position` after the last batch taken, and `skipped` (always 0: nothing to read).
     """
+
+    skipped = 0
 
     def __init__(self, bank: Bank, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
         self.bank, self.batch_size = bank, batch_size
@@ -385,7 +384,11 @@ class BankSampler:
         face = self.bank.faces(face_row)
         flip = torch.rand(b, generator=gen, device=dev) < 0.5
         face = torch.where(flip[:, None, None, None], face.flip(3), face)
-        return {"embedding": self.bank.embedding[voice, crop], "face": face, "label": label, "step": step}
+        return {"embedding": self.bank.embedding[voice, crop], "face": face, "label": label}
+
+    @property
+    def position(self) -> BankPosition:
+        return BankPosition(self.next_step)
 
     def __iter__(self) -> Iterator[dict]:
         return self

@@ -277,11 +277,11 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         step = int(meta["step"])
         saved = (rank_state or {}).get("stream")
 
-    source, position = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
+    source = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
     if start is not None:
         if saved is None:
             acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
-                      f"{position.on_new_world}")
+                      f"{source.position.on_new_world}")
         acc.print(f"[{name}] resumed from {start} at step {step}")
     fixed = stage.fixed_inputs() if acc.is_main_process else None
 
@@ -289,7 +289,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         try:
             checkpoint.save(
                 ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
-                rank_state={"stream": position.state_dict()},  # the batch source's position, stream or bank
+                rank_state={"stream": source.position.state_dict()},  # after the last batch taken, stream or bank
                 meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
                       "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id,
                       "config": config_mod.to_yaml(cfg)},
@@ -301,7 +301,6 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     try:
         nonfinite_in_row = 0
         nonfinite_total = 0
-        bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
@@ -310,11 +309,9 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         while step < scfg.steps:
             t0 = time.perf_counter()
             batch = next(source)
-            position.update(batch)
-            bad_samples[batch.get("worker", 0)] = batch.get("corrupt", 0) + batch.get("tar_errors", 0)  # the bank has none
             t1 = time.perf_counter()
             torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             metrics, finite = stage.step(batch, step)
             step += 1
             if acc.device.type == "cuda":
@@ -344,7 +341,8 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
                 local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
                                      device=acc.device, dtype=torch.float64)
                 mean = acc.reduce(local, reduction="mean")
-                skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
+                # corrupt samples and broken tar members, all ranks
+                skipped = int(acc.reduce(torch.tensor([source.skipped], device=acc.device), reduction="sum")[0])
                 keys = sorted(sums)
                 logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
                 data_s, compute_s, wall = (float(x) for x in mean[len(keys):])
