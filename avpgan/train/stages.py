@@ -432,10 +432,9 @@ class RestoreStage(Stage):
         return {"g": self.g, "d": self.d, "c": self.c, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
     def pairs(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(64 px degraded input, clean target) made from the batch's faces; JPEG runs on the CPU."""
-        gen = torch.Generator().manual_seed(seed)
-        lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
-        return lq.to(self.acc.device), target.to(self.acc.device)
+        """(64 px degraded input, clean target) made from the batch's faces on their device. The
+        draws come from a CPU generator, so a seed makes the same pairs on any device."""
+        return models.degrade(faces_at(batch, self.size), torch.Generator().manual_seed(seed), out_size=64)
 
     def step(self, batch, step):
         r = self.cfg.model.restorer
