@@ -43,7 +43,6 @@ from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -52,7 +51,7 @@ from avpgan import atomic, models, seeding
 from avpgan.atomic import sha256_file
 from avpgan.audio import crop_or_tile
 from avpgan.config import Config, flatten
-from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.data.shards import CorruptSample, decode_sample, load_manifest, read_shards
 from avpgan.features import LogMel
 
 FORMAT = 1
@@ -180,10 +179,9 @@ def _embed_shard(cfg: Config, url: str, first_index: int, embed: _Embedder, bar:
     length = int(round(crop_seconds(cfg) * cfg.data.sample_rate))
     skipped = 0
 
-    def tar_error(exn: Exception) -> bool:
+    def tar_error(message: str) -> None:
         nonlocal skipped
         skipped += 1
-        return True  # as the stream: a broken member is skipped, not fatal
 
     clips: list[np.ndarray] = []
     embeddings: list[torch.Tensor] = []
@@ -195,7 +193,8 @@ def _embed_shard(cfg: Config, url: str, first_index: int, embed: _Embedder, bar:
         bar.update(len(clips))
         clips.clear()
 
-    for index, raw in enumerate(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=tar_error))):
+    # Raw samples, decoded here: a corrupt one still takes its index, which seeds the crops.
+    for index, raw in enumerate(read_shards([url], tar_error)):
         try:
             sample = decode_sample(raw)
         except CorruptSample:

@@ -35,6 +35,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import random
 import signal
@@ -52,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from avpgan import seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import DataConfig
-from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.data.shards import CorruptSample, decode_sample, load_manifest, read_shards
 from avpgan.train.preempt import SIGNALS as STOP_SIGNALS
 
 
@@ -186,19 +187,16 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, epoch: int, stream_id: int, streams: int) -> Iterator[dict]:
         urls, stride = self._epoch_shards(epoch, stream_id, streams)
-        stages = [
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=self._tar_error),
-        ]
+        samples = read_shards(urls, self._tar_error)
         if stride > 1:
-            stages.append(wds.slice(stream_id, None, stride))
-        stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                  rng=random.Random(f"{self.seed}/{epoch}/{stream_id}/{streams}")))
-        return iter(wds.DataPipeline(*stages))
+            samples = itertools.islice(samples, stream_id, None, stride)
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                              rng=random.Random(f"{self.seed}/{epoch}/{stream_id}/{streams}"))
+        return iter(shuffle(samples))
 
-    def _tar_error(self, exn: Exception) -> bool:
+    def _tar_error(self, message: str) -> None:
         self.tar_errors += 1
-        return True  # keep going: a broken member or shard is skipped, not fatal
+        self.last_error = message
 
     def _prepare(self, raw: dict, epoch: int, index: int, stream_id: int) -> dict | None:
         try:
