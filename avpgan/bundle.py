@@ -32,29 +32,35 @@ FORMAT = "avpgan-bundle-1"
 PARTS = {"voice": "voice", "generator": "gan", "restorer": "restore", "embedder": "embedder"}  # part -> stage
 
 
-def export(run_dir: Path, out: Path) -> dict[str, int]:
-    """Collect the run's stage outputs into one file; returns tensors per part."""
+def collect(run_dir: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A run's stage outputs as a bundle in memory: the header (format, config, parts) and the
+    prefixed tensors, exactly what `export` writes."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not a training run directory (no config.yaml)")
     tensors: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    parts: list[str] = []
     for part, stage in PARTS.items():
         f = run_dir / stage / "model.safetensors"
         if not f.is_file():
             continue
         for k, v in load_file(str(f)).items():
             tensors[f"{part}.{k}"] = v
-        counts[part] = sum(1 for k in tensors if k.startswith(part + "."))
+        parts.append(part)
     for needed in ("voice", "generator"):
-        if needed not in counts:
+        if needed not in parts:
             raise FileNotFoundError(f"{run_dir / PARTS[needed] / 'model.safetensors'}: the run has no trained "
                                     f"'{PARTS[needed]}' stage; a bundle needs at least voice and gan")
-    header = {"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(counts)}
+    return {"format": FORMAT, "config": cfg_file.read_text(), "parts": ",".join(parts)}, tensors
+
+
+def export(run_dir: Path, out: Path) -> dict[str, int]:
+    """Collect the run's stage outputs into one file; returns tensors per part."""
+    header, tensors = collect(run_dir)
     with atomic.replacing(out) as tmp:
         save_file(tensors, str(tmp), metadata={**header, "sha256": digest(header, tensors)})
-    return counts
+    return {part: sum(1 for k in tensors if k.startswith(part + ".")) for part in header["parts"].split(",")}
 
 
 def digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -107,7 +113,21 @@ def load(path: Path, device: str | torch.device = "cpu") -> Bundle:
     if digest(meta, tensors) != meta["sha256"]:
         raise ValueError(f"{path}: contents do not match the bundle's SHA-256 (corrupted or modified); "
                          f"export it again with `avpgan export`")
-    cfg = config_mod.from_yaml_text(meta["config"], f"{path} (embedded config)")
+    return build(meta, tensors, f"{path} (embedded config)", device)
+
+
+def from_run(run_dir: Path, device: str | torch.device = "cpu") -> Bundle:
+    """A run directory's networks as its exported bundle would give them, without writing one
+    (nothing to verify: the tensors come straight from the stage files)."""
+    header, tensors = collect(run_dir)
+    return build(header, tensors, str(Path(run_dir) / "config.yaml"), device)
+
+
+def build(header: dict[str, str], tensors: dict[str, torch.Tensor], where: str,
+          device: str | torch.device = "cpu") -> Bundle:
+    """Every network of a bundle's header and tensors, from its own config (`where` names the
+    config in errors); eval mode, no gradients."""
+    cfg = config_mod.from_yaml_text(header["config"], where)
 
     def part(name: str, build: Callable[[], nn.Module]) -> nn.Module | None:
         """The part's network with its weights, or None (nothing built) when the bundle lacks it."""

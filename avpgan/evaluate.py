@@ -65,7 +65,7 @@ from avpgan import atomic
 from avpgan import bundle as bundle_mod
 from avpgan.audio import crop_or_tile
 from avpgan import config as config_mod
-from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.data.shards import decoded_samples, load_manifest
 from avpgan.generate import VoiceToFace, open_model
 from avpgan.image_stats import KID_SUBSET_SIZE, KID_SUBSETS, FaceFeatures, feature_distances
 from avpgan.images import to_tensor
@@ -314,24 +314,14 @@ def split_samples(shards: Path, manifest: dict, split: str, keep: Callable[[str]
     """Decoded samples of the split whose identity `keep` accepts, in shard order; broken tar
     members and corrupt samples are skipped and appended to `errors`. `progress`: the label of
     a progress bar over every sample of the split (each rank reads them all)."""
-    import webdataset as wds
     from tqdm import tqdm
 
-    def tar_error(exn: Exception) -> bool:
-        errors.append(f"{type(exn).__name__}: {exn}")
-        return True
-
-    urls = [{"url": str(shards / s["file"])} for s in manifest["splits"][split]["shards"]]
+    urls = [shards / s["file"] for s in manifest["splits"][split]["shards"]]
     with tqdm(total=manifest["splits"][split]["samples"], desc=progress, unit="sample",
               disable=True if progress is None else None,
               leave=False) as bar:
-        for raw in wds.tarfile_to_samples(handler=tar_error)(iter(urls)):
+        for s in decoded_samples(urls, errors.append, face128=True):
             bar.update()
-            try:
-                s = decode_sample(raw, face128=True)
-            except CorruptSample as e:
-                errors.append(str(e))
-                continue
             if keep(s["meta"]["name"]):
                 yield s
 

@@ -20,7 +20,6 @@ decoded is named and skipped; the others are still generated.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,11 @@ MIN_VOICED_SECONDS = 0.25  # less than about one syllable of voice: nothing to b
 
 
 def open_model(path: str | Path, device: str | torch.device = "cpu") -> bundle_mod.Bundle:
-    """A bundle file, or a run directory (exported to a temporary file first, so both paths
-    build the networks the same way)."""
+    """A bundle file, or a run directory (collected in memory as `avpgan export` would write it,
+    so both paths build the networks the same way)."""
     path = Path(path)
     if path.is_dir():
-        with tempfile.TemporaryDirectory(prefix="avpgan-bundle-") as tmp:
-            out = Path(tmp) / "model.safetensors"
-            bundle_mod.export(path, out)
-            return bundle_mod.load(out, device)
+        return bundle_mod.from_run(path, device)
     return bundle_mod.load(path, device)
 
 

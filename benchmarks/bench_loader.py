@@ -26,7 +26,7 @@ from avpgan.features import LogMel
 
 
 def stream_rate(data: DataConfig, workers: int, batch: int, batches: int) -> float:
-    stream, _ = make_stream(data, "train", batch, workers=workers, seed=0)
+    stream = make_stream(data, "train", batch, workers=workers, seed=0)
     next(stream)  # worker start-up is not throughput
     t = time.perf_counter()
     for _ in islice(stream, batches):

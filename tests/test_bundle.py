@@ -41,6 +41,22 @@ def test_bundle_records_and_checks_its_sha256(exported):
     assert b.voice is not None and b.generator is not None
 
 
+def test_run_directory_opens_in_memory_as_its_export(exported, monkeypatch):
+    """`generate RUN_DIR` builds the networks the exported file would give, and writes no file."""
+    from avpgan.generate import open_model
+
+    def no_writing(*args, **kwargs):
+        raise AssertionError("open_model wrote a file")
+
+    monkeypatch.setattr(bundle.atomic, "replacing", no_writing)
+    from_dir, from_file = open_model(exported.parent / "run"), bundle.load(exported)
+    assert from_dir.cfg == from_file.cfg and from_dir.restorer is None and from_dir.embedder is None
+    for part in ("voice", "generator"):
+        a, b = getattr(from_dir, part).state_dict(), getattr(from_file, part).state_dict()
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        assert not getattr(from_dir, part).training
+
+
 def test_flipped_tensor_byte_is_a_one_line_error(exported, tmp_path, capsys):
     data = bytearray(exported.read_bytes())
     data[header_size(exported) + (len(data) - header_size(exported)) // 2] ^= 0x10  # inside the tensors

@@ -219,6 +219,21 @@ def test_clear_errors(tmp_path):
         checkpoint.save(tmp_path, 3, {"opt_g": state["opt_g"]}, rank_state={}, meta={}, keep_last=1)
 
 
+def test_optional_entries_may_be_absent(tmp_path):
+    """A checkpoint from before the grad scaler was saved still loads when the scaler is optional."""
+    state = make_state(seed=0, world=1)
+    train_step(state, 0, 1)
+    ckpt = checkpoint.save(tmp_path, 1, {k: v for k, v in state.items() if k != "scaler"},
+                           rank_state={}, meta={}, keep_last=1)
+    fresh = make_state(seed=1, world=1)
+    before = fresh["scaler"].state_dict()
+    with pytest.raises(ValueError, match="checkpoint has no 'scaler'"):
+        checkpoint.load(ckpt, fresh)
+    checkpoint.load(ckpt, fresh, optional=("scaler",))
+    assert fresh["scaler"].state_dict() == before
+    assert_same(snapshot(state)["g"], snapshot(fresh)["g"])
+
+
 def wait_for(cond, procs, what: str, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not cond():

@@ -199,6 +199,22 @@ def test_degrade_shapes_ranges_determinism():
     assert lq.shape == (2, 3, 32, 32)
 
 
+def test_restore_pairs_are_made_on_the_batch_device():
+    """The restore stage degrades a batch where it lies; on the CPU its pairs are exactly those of
+    the former round trip (degrade a CPU copy, move the pair back)."""
+    from types import SimpleNamespace
+
+    from avpgan.train.stages import RestoreStage
+
+    faces = _faces(3, 128)
+    batch = {"face": F.interpolate(faces, size=(64, 64), mode="area"), "face128": faces}
+    lq, target = RestoreStage.pairs(SimpleNamespace(size=128), batch, seed=7)
+    before_lq, before_target = deg.degrade(faces.cpu(), torch.Generator().manual_seed(7), out_size=64)
+    assert lq.device == target.device == faces.device
+    assert lq.shape == (3, 3, 64, 64) and target.shape == (3, 3, 128, 128)
+    assert torch.equal(lq, before_lq) and torch.equal(target, before_target)
+
+
 def test_degrade_grey_and_identity_settings():
     clean = _faces(4, 64)
     off = deg.DegradeParams(blur_sigma_512=(1e-3, 1e-3), downsample=(1.0, 1.0), noise_255=(0.0, 0.0),

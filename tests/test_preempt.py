@@ -282,7 +282,7 @@ def test_process_exits_with_a_loader_worker_still_alive(tiny_shards):
     code = ("import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from conftest import tiny_config; "
             "from avpgan.data.stream import make_stream; "
             f"cfg = tiny_config(Path({str(tiny_shards)!r}), Path('unused')); "
-            "it, _ = make_stream(cfg.data, 'train', 4, workers=1); next(it); keep = [it]; print('exiting')")
+            "it = make_stream(cfg.data, 'train', 4, workers=1); next(it); keep = [it]; print('exiting')")
     p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr[-2000:]

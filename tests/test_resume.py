@@ -82,3 +82,59 @@ def test_resume_path_that_is_not_a_checkpoint_fails_with_its_name(straight, tiny
     run_dir = unfinished_copy(straight, tmp_path / "run")
     assert main(argv(tiny_shards, run_dir, "--resume", str(tmp_path / "nowhere"))) == 1
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+# accelerate makes no grad scaler for fp16 on a CPU (it drops fp16 there), and its process-wide
+# state refuses a second mixed-precision setting in one interpreter. So each fp16 run is its own
+# process, and its Accelerator is handed the CPU GradScaler, the kind accelerate makes on a GPU,
+# before the stage prepares its optimizers. growth_interval=1 changes the scale every step, so a
+# scaler that is not saved, or not restored, shows in the next checkpoint.
+FP16_TRAIN = """
+import sys, torch
+from avpgan.cli import main
+from avpgan.train import loop
+made = loop.make_accelerator
+def with_scaler(cfg):
+    accelerator = made(cfg)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    return accelerator
+loop.make_accelerator = with_scaler
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_fp16(shards: Path, run_dir: Path, *extra: str) -> str:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    done = subprocess.run([sys.executable, "-c", FP16_TRAIN, *argv(shards, run_dir, "train.mixed_precision=fp16", *extra)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def saved_scaler(ckpt: Path) -> dict:
+    import torch
+
+    from avpgan.train import checkpoint
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # differs from the run's before the load
+    checkpoint.load(ckpt, {"scaler": scaler})  # raises when the checkpoint has no scaler
+    return scaler.state_dict()
+
+
+def test_fp16_grad_scaler_round_trips_through_resume(tiny_shards, tmp_path):
+    straight = tmp_path / "straight"
+    train_fp16(tiny_shards, straight)
+    at2, at4 = (saved_scaler(straight / "voice" / "checkpoints" / f"step-{s:07d}") for s in (2, 4))
+    assert at2["_growth_tracker"] == 0 and at2["scale"] != 2.0**8  # the scale moved, as growth_interval=1 makes it
+    assert at4["scale"] != at2["scale"]
+
+    resumed = unfinished_copy(straight, tmp_path / "resumed")
+    out = train_fp16(tiny_shards, resumed, "--resume", str(resumed / "voice" / "checkpoints" / "step-0000002"))
+    assert "resumed from" in out and "at step 2" in out
+    # Steps 3 and 4 again, from the restored scale: the same scale as the run that never stopped.
+    assert saved_scaler(resumed / "voice" / "checkpoints" / "step-0000004") == at4
+    assert same(model(resumed), model(straight))

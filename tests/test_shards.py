@@ -268,6 +268,49 @@ def test_check_fails_on_truncated_missing_and_miscounted_shards(built, tmp_path,
     assert f"{d / full['file']}: 2 samples decoded, manifest says 3" in err
 
 
+def test_read_shards_skips_what_breaks_and_reports_it(built, tmp_path):
+    """The one tar reader: a truncated shard costs its samples from the break on, a missing one
+    all of them, each reported once with shard and member; the next shard reads in full."""
+    d = damaged(built[0], tmp_path)
+    nonempty = [(d / s["file"], s["samples"]) for info in built[1]["splits"].values() for s in info["shards"] if s["samples"]]
+    (good, n_good), (cut, _) = nonempty[:2]
+    gone = d / "train-000099.tar"
+    with tarfile.open(cut) as t:
+        second = t.getmembers()[1]
+    cut.write_bytes(cut.read_bytes()[: second.offset_data + 10])  # inside the first sample's .bin
+    errors: list[str] = []
+    raw = list(shards.read_shards([cut, gone, good], errors.append))
+    assert len(raw) == n_good and [r["__key__"] for r in raw] == [r["__key__"] for r in samples(d, good.name)]
+    assert len(errors) == 2
+    assert errors[0].startswith(f"{cut}: {second.name}: tar unreadable here")
+    assert errors[1].startswith(f"{gone}: first member: tar unreadable here")
+
+    # Decoding too: a sample whose bytes are damaged is reported and skipped, the others come.
+    errors.clear()
+    blob = bytearray(good.read_bytes())
+    with tarfile.open(good) as t:
+        blob[t.getmembers()[1].offset_data] ^= 0x5A
+    good.write_bytes(bytes(blob))
+    decoded = list(shards.decoded_samples([good], errors.append, verify=True))
+    assert len(decoded) == len(raw) - 1 and len(errors) == 1 and "crc32 mismatch" in errors[0]
+
+
+def test_one_tar_reader():
+    """docs/architecture.md: shard tars are read by data/shards.py alone (read_shards)."""
+    import ast
+
+    import avpgan
+
+    package = Path(avpgan.__file__).parent
+    readers = set()
+    for f in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("tarfile_to_samples", "tariterators", "open") \
+                    and isinstance(node.value, ast.Name) and node.value.id in ("wds", "tarfile", "webdataset"):
+                readers.add(f.relative_to(package).as_posix())
+    assert readers == {"data/shards.py"}
+
+
 def test_check_without_manifest(tmp_path, capsys):
     assert shards.check(tmp_path) == 2
     assert f"{tmp_path / 'manifest.json'}: manifest not found" in capsys.readouterr().err

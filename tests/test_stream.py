@@ -16,17 +16,21 @@ from conftest import ROOT, subprocess_env, tiny_config
 
 
 def take(stream, n):
-    return list(islice(stream, n))
+    """n batches, each with the keys of its samples."""
+    return [(batch, stream.origin.keys) for batch in islice(stream, n)]
 
 
 def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in ("audio", "face", "label")) and a["key"] == b["key"]
+    (x, x_keys), (y, y_keys) = a, b
+    return all(torch.equal(x[k], y[k]) for k in ("audio", "face", "label")) and x_keys == y_keys
 
 
 def test_batch_format(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path)
-    stream, _ = make_stream(cfg.data, "train", 4, workers=0, face128=True)
+    stream = make_stream(cfg.data, "train", 4, workers=0, face128=True)
     b = next(stream)
+    assert set(b) == {"audio", "face", "label", "face128"}  # tensors only; bookkeeping is in stream.origin
+    assert len(stream.origin.keys) == 4 and stream.origin.worker == 0 and stream.skipped == 0
     assert b["audio"].dtype == torch.int16 and b["audio"].shape == (4, int(cfg.data.crop_seconds * 16000))
     assert b["face"].shape == (4, 3, 64, 64) and b["face"].dtype == torch.float32
     assert b["face128"].shape == (4, 3, 128, 128)
@@ -38,24 +42,21 @@ def test_batch_format(tiny_shards, tmp_path):
 
 def test_deterministic_and_seed_dependent(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path)
-    a = take(make_stream(cfg.data, "train", 3, workers=0, seed=5)[0], 6)
-    b = take(make_stream(cfg.data, "train", 3, workers=0, seed=5)[0], 6)
-    c = take(make_stream(cfg.data, "train", 3, workers=0, seed=6)[0], 6)
+    a = take(make_stream(cfg.data, "train", 3, workers=0, seed=5), 6)
+    b = take(make_stream(cfg.data, "train", 3, workers=0, seed=5), 6)
+    c = take(make_stream(cfg.data, "train", 3, workers=0, seed=6), 6)
     assert len(a) == len(b) == len(c) == 6  # an infinite stream: never short
     assert all(same(x, y) for x, y in zip(a, b, strict=True))
     assert not all(same(x, y) for x, y in zip(a, c, strict=True))
 
 
 def _restart_matches(cfg, workers: int, cut: int, total: int):
-    stream, pos = make_stream(cfg.data, "train", 5, workers=workers, seed=1)
-    straight, saved = [], None
-    for i, batch in enumerate(islice(stream, total)):
-        pos.update(batch)
-        straight.append(batch)
-        if i + 1 == cut:
-            saved = json.loads(json.dumps(pos.state_dict()))  # as a checkpoint would keep it
+    stream = make_stream(cfg.data, "train", 5, workers=workers, seed=1)
+    straight = take(stream, cut)
+    saved = json.loads(json.dumps(stream.position.state_dict()))  # as a checkpoint would keep it
+    straight += take(stream, total - cut)  # the loader has prefetched past the cut: that must not count
     resumed = take(make_stream(cfg.data, "train", 5, workers=workers, seed=1,
-                               position=StreamPosition.from_state_dict(saved))[0], total - cut)
+                               position=StreamPosition.from_state_dict(saved)), total - cut)
     assert len(straight) == total and len(resumed) == total - cut  # a short stream would pass the zip vacuously
     assert all(same(x, y) for x, y in zip(straight[cut:], resumed, strict=True))
 
@@ -75,12 +76,12 @@ from avpgan import config
 from avpgan.data.stream import make_stream
 cfg = config.load(sys.argv[1], [f"data.shards={sys.argv[2]}"])
 rank = int(sys.argv[3])
-stream, pos = make_stream(cfg.data, "train", 1, rank=rank, world_size=2, workers=2, seed=3)
+stream = make_stream(cfg.data, "train", 1, rank=rank, world_size=2, workers=2, seed=3)
 keys, batches = [], 0
 for b in stream:
     batches += 1
-    if b["epoch"] == 0:
-        keys += b["key"]
+    if stream.origin.epoch == 0:
+        keys += stream.origin.keys
     if batches == 60:
         break
 print(json.dumps({"keys": keys, "batches": batches}))

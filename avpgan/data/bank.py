@@ -43,7 +43,6 @@ from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -52,7 +51,7 @@ from avpgan import atomic, models, seeding
 from avpgan.atomic import sha256_file
 from avpgan.audio import crop_or_tile
 from avpgan.config import Config, flatten
-from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.data.shards import CorruptSample, decode_sample, load_manifest, read_shards
 from avpgan.features import LogMel
 
 FORMAT = 1
@@ -180,10 +179,9 @@ def _embed_shard(cfg: Config, url: str, first_index: int, embed: _Embedder, bar:
     length = int(round(crop_seconds(cfg) * cfg.data.sample_rate))
     skipped = 0
 
-    def tar_error(exn: Exception) -> bool:
+    def tar_error(message: str) -> None:
         nonlocal skipped
         skipped += 1
-        return True  # as the stream: a broken member is skipped, not fatal
 
     clips: list[np.ndarray] = []
     embeddings: list[torch.Tensor] = []
@@ -195,7 +193,8 @@ def _embed_shard(cfg: Config, url: str, first_index: int, embed: _Embedder, bar:
         bar.update(len(clips))
         clips.clear()
 
-    for index, raw in enumerate(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=tar_error))):
+    # Raw samples, decoded here: a corrupt one still takes its index, which seeds the crops.
+    for index, raw in enumerate(read_shards([url], tar_error)):
         try:
             sample = decode_sample(raw)
         except CorruptSample:
@@ -341,10 +340,6 @@ class BankPosition:
     # What a resume on another world size does (the loop says so): draws continue at the step.
     on_new_world: ClassVar[str] = "the bank sampler goes on at this step, drawing for the new ranks (see docs/training.md)"
 
-    def update(self, batch: dict) -> None:
-        """Record a batch the loop has consumed."""
-        self.step = int(batch["step"]) + 1
-
     def state_dict(self) -> dict:
         return {"step": self.step}
 
@@ -359,8 +354,11 @@ class BankSampler:
     Voice2Face's sampling: a voice is utterance i (uniform) with one of its K crops (uniform),
     its face one of the bank's faces of the same identity (uniform; not necessarily i's own),
     flipped horizontally with p = 0.5. Batches: `embedding` float32 [B, D] (unit), `face`
-    float32 [B, 3, H, W] in [-1, 1], `label` int64 [B], and `step` for `BankPosition.update`.
+    float32 [B, 3, H, W] in [-1, 1], `label` int64 [B]. Like the shard stream's `Batches`, it
+    tells its `position` after the last batch taken, and `skipped` (always 0: nothing to read).
     """
+
+    skipped = 0
 
     def __init__(self, bank: Bank, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
         self.bank, self.batch_size = bank, batch_size
@@ -385,7 +383,11 @@ class BankSampler:
         face = self.bank.faces(face_row)
         flip = torch.rand(b, generator=gen, device=dev) < 0.5
         face = torch.where(flip[:, None, None, None], face.flip(3), face)
-        return {"embedding": self.bank.embedding[voice, crop], "face": face, "label": label, "step": step}
+        return {"embedding": self.bank.embedding[voice, crop], "face": face, "label": label}
+
+    @property
+    def position(self) -> BankPosition:
+        return BankPosition(self.next_step)
 
     def __iter__(self) -> Iterator[dict]:
         return self

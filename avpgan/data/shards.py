@@ -1,4 +1,6 @@
-"""WebDataset shards: build them from the raw layout, check them, and the one sample codec.
+"""WebDataset shards: build them from the raw layout, check them, the one sample codec and the
+one tar reader (`read_shards`, `decoded_samples`: the stream, the bank, evaluate and `shards
+check` all read shards through them).
 
 One sample = one utterance + one face of the same identity:
 
@@ -40,9 +42,10 @@ import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import webdataset as wds
 from tqdm import tqdm
 
 from avpgan import atomic
@@ -134,6 +137,44 @@ def decode_sample(raw: dict, face128: bool = False, verify: bool = False) -> dic
     if face128:
         out["face128"] = np.frombuffer(blob, dtype=np.uint8, count=rs * rs * 3, offset=ends[1]).reshape(rs, rs, 3)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading shards.
+
+
+def _members(path: Path, last: list[str]) -> Iterator[dict]:
+    """Member dicts as webdataset's tar reader makes them; `last` tracks the current member name
+    so an error can say where the tar broke."""
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:
+            last[0] = info.name
+            if info.isreg():
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": str(path)}
+
+
+def read_shards(urls: Iterable[str | Path], on_error: Callable[[str], None]) -> Iterator[dict]:
+    """The raw samples of the shards `urls` in tar order, as `decode_sample` takes them (`__key__`,
+    `__url__`, bytes per extension). A shard that is missing, or whose tar breaks partway, costs
+    the samples from there to its end: `on_error` gets one line naming the shard and the last
+    member read, and reading goes on with the next shard (a broken shard is not fatal)."""
+    for url in urls:
+        last = [""]
+        try:
+            yield from wds.tariterators.group_by_keys(_members(Path(url), last))
+        except (tarfile.TarError, OSError, ValueError) as e:
+            on_error(f"{url}: {last[0] or 'first member'}: tar unreadable here ({e})")
+
+
+def decoded_samples(urls: Iterable[str | Path], on_error: Callable[[str], None], *, face128: bool = False,
+                    verify: bool = False) -> Iterator[dict]:
+    """`read_shards`, decoded (`decode_sample`); a sample that does not decode is skipped and
+    reported through `on_error` too, so every sample left out is counted once."""
+    for raw in read_shards(urls, on_error):
+        try:
+            yield decode_sample(raw, face128=face128, verify=verify)
+        except CorruptSample as e:
+            on_error(str(e))
 
 
 def load_manifest(dir: str | Path) -> dict:
@@ -459,21 +500,9 @@ def summary(manifest: dict, out: Path | str, max_listed: int = 10) -> str:
 # Check.
 
 
-def _members(path: Path, last: list[str]) -> Iterator[dict]:
-    """Member dicts as webdataset's tar reader makes them; `last` tracks the current member name
-    so an error can say where the tar broke."""
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            last[0] = info.name
-            if info.isreg():
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": str(path)}
-
-
 def check(dir: Path) -> int:
     """Decode every sample of every shard against the manifest. 0 when all is well, else 1
     (2 when there is no usable manifest). Problems are printed naming shard and member."""
-    import webdataset as wds
-
     dir = Path(dir)
     try:
         manifest = load_manifest(dir)
@@ -491,27 +520,19 @@ def check(dir: Path) -> int:
             if not path.is_file():
                 errors.append(f"{path}: shard missing")
                 continue
-            n, before, last = 0, len(errors), [""]
-            try:
-                for raw in wds.tariterators.group_by_keys(_members(path, last)):
-                    try:
-                        s = decode_sample(raw, face128=True, verify=True)
-                    except CorruptSample as e:
-                        errors.append(str(e))
-                        continue
-                    m, where = s["meta"], f"{path}: {s['key']}"
-                    if m.get("split") != split or info["labels"].get(m.get("name")) != m.get("label"):
-                        errors.append(f"{where}.{META}: identity {m.get('name')!r} / label {m.get('label')} / split "
-                                      f"{m.get('split')!r} do not match the manifest's {split} labels")
-                    if s["key"] in keys:
-                        errors.append(f"{where}: key repeats")
-                    keys.add(s["key"])
-                    names.add(m.get("name"))
-                    durations.append(s["audio"].size / manifest["audio"]["sample_rate"])
-                    n += 1
-                    bar.update()
-            except (tarfile.TarError, OSError, ValueError) as e:
-                errors.append(f"{path}: {last[0] or 'first member'}: tar unreadable here ({e})")
+            n, before = 0, len(errors)
+            for s in decoded_samples([path], errors.append, face128=True, verify=True):
+                m, where = s["meta"], f"{path}: {s['key']}"
+                if m.get("split") != split or info["labels"].get(m.get("name")) != m.get("label"):
+                    errors.append(f"{where}.{META}: identity {m.get('name')!r} / label {m.get('label')} / split "
+                                  f"{m.get('split')!r} do not match the manifest's {split} labels")
+                if s["key"] in keys:
+                    errors.append(f"{where}: key repeats")
+                keys.add(s["key"])
+                names.add(m.get("name"))
+                durations.append(s["audio"].size / manifest["audio"]["sample_rate"])
+                n += 1
+                bar.update()
             if n != shard["samples"]:
                 errors.append(f"{path}: {n} samples decoded, manifest says {shard['samples']}")
             if len(errors) == before and "sha256" in shard and sha256_file(path) != shard["sha256"]:

@@ -18,6 +18,10 @@ Why it is built this way:
   data ran out. The loop decides how many steps make a run.
 - Not wrapped by `accelerator.prepare`: batches are plain CPU tensors that the loop moves to
   its device (preparing a WebDataset loader hangs or re-shards).
+- Batches hold tensors only. Where a batch came from (worker, epoch, index, samples skipped)
+  travels beside it as a `BatchOrigin`, through the DataLoader's prefetching, and `Batches`
+  moves its `StreamPosition` only when the loop takes the batch: a prefetched batch that was
+  never trained on is not counted as seen.
 - DataLoader workers hand out batches round-robin, always starting at worker 0; after a resume
   at batch k the workers are relabelled by k mod W so that the batch order continues exactly.
 - Loader workers ignore the stop signals (SIGTERM, SIGUSR1, SIGINT). SLURM's cancel and
@@ -31,6 +35,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import random
 import signal
@@ -48,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from avpgan import seeding
 from avpgan.audio import crop_or_tile
 from avpgan.config import DataConfig
-from avpgan.data.shards import CorruptSample, decode_sample, load_manifest
+from avpgan.data.shards import CorruptSample, decode_sample, load_manifest, read_shards
 from avpgan.train.preempt import SIGNALS as STOP_SIGNALS
 
 
@@ -72,10 +77,10 @@ class StreamPosition:
             self.epoch = [0] * self.workers
             self.index = [0] * self.workers
 
-    def update(self, batch: dict) -> None:
-        """Record a batch the loop has consumed (prefetched but unconsumed batches do not count)."""
-        w = int(batch["worker"])
-        self.epoch[w], self.index[w] = int(batch["epoch"]), int(batch["index"])
+    def update(self, origin: "BatchOrigin") -> None:
+        """Record a batch the loop has taken (prefetched but untaken batches do not count)."""
+        w = origin.worker
+        self.epoch[w], self.index[w] = origin.epoch, origin.index
         self.next_worker = (w + 1) % self.workers
 
     def state_dict(self) -> dict:
@@ -84,6 +89,42 @@ class StreamPosition:
     @classmethod
     def from_state_dict(cls, state: dict) -> "StreamPosition":
         return cls(state["workers"], state["next_worker"], list(state["epoch"]), list(state["index"]))
+
+
+@dataclass(frozen=True)
+class BatchOrigin:
+    """Where one batch came from; made by the loader worker, it travels beside the batch."""
+
+    worker: int
+    epoch: int
+    index: int  # samples the worker has taken from its shuffle buffer in `epoch`, this batch's included
+    skipped: int  # corrupt samples and broken tar members this worker has skipped so far
+    keys: tuple[str, ...]  # the samples' keys, in batch order
+
+
+class Batches:
+    """One rank's infinite batches (dicts of CPU tensors) and where the stream stands after the
+    last batch taken: `position` (what a checkpoint saves), `origin` (that batch's
+    `BatchOrigin`), `skipped` (samples this rank's workers could not read so far)."""
+
+    def __init__(self, items: Iterator[tuple[dict[str, torch.Tensor], BatchOrigin]], position: StreamPosition):
+        self._items, self.position = items, position
+        self.origin: BatchOrigin | None = None
+        self._skipped: dict[int, int] = {}  # per worker: each counts its own
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch, origin = next(self._items)
+        self.position.update(origin)
+        self.origin = origin
+        self._skipped[origin.worker] = origin.skipped
+        return batch
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skipped.values())
 
 
 class ShardStream(IterableDataset):
@@ -146,19 +187,16 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, epoch: int, stream_id: int, streams: int) -> Iterator[dict]:
         urls, stride = self._epoch_shards(epoch, stream_id, streams)
-        stages = [
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=self._tar_error),
-        ]
+        samples = read_shards(urls, self._tar_error)
         if stride > 1:
-            stages.append(wds.slice(stream_id, None, stride))
-        stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                  rng=random.Random(f"{self.seed}/{epoch}/{stream_id}/{streams}")))
-        return iter(wds.DataPipeline(*stages))
+            samples = itertools.islice(samples, stream_id, None, stride)
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                              rng=random.Random(f"{self.seed}/{epoch}/{stream_id}/{streams}"))
+        return iter(shuffle(samples))
 
-    def _tar_error(self, exn: Exception) -> bool:
+    def _tar_error(self, message: str) -> None:
         self.tar_errors += 1
-        return True  # keep going: a broken member or shard is skipped, not fatal
+        self.last_error = message
 
     def _prepare(self, raw: dict, epoch: int, index: int, stream_id: int) -> dict | None:
         try:
@@ -187,12 +225,11 @@ class ShardStream(IterableDataset):
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         return x.float().sub_(127.5).div_(127.5)
 
-    def _collate(self, items: list[dict]) -> dict:
+    def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = {
             "audio": torch.from_numpy(np.stack([it["audio"] for it in items])),
             "face": self._faces([it["face"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
-            "key": [it["key"] for it in items],
         }
         if self.face128:
             batch["face128"] = self._faces([it["face128"] for it in items])
@@ -200,7 +237,7 @@ class ShardStream(IterableDataset):
 
     # -- one logical worker -----------------------------------------------------------------
 
-    def _worker_batches(self, worker: int) -> Iterator[dict]:
+    def _worker_batches(self, worker: int) -> Iterator[tuple[dict[str, torch.Tensor], BatchOrigin]]:
         workers = max(1, self.workers)
         streams = self.world_size * workers
         stream_id = self.rank * workers + worker
@@ -220,10 +257,10 @@ class ShardStream(IterableDataset):
                 decoded += 1
                 items.append(item)
                 if len(items) == self.batch_size:
-                    batch = self._collate(items)
-                    batch.update(worker=worker, epoch=epoch, index=index + 1, corrupt=self.corrupt, tar_errors=self.tar_errors)
+                    origin = BatchOrigin(worker, epoch, index + 1, self.corrupt + self.tar_errors,
+                                         tuple(it["key"] for it in items))
+                    yield self._collate(items), origin
                     items = []
-                    yield batch
             if seen == 0:
                 raise StreamError(f"{self.root}: split '{self.split}' gave stream {stream_id} no samples in epoch {epoch}")
             if decoded == 0 and seen > skip:
@@ -235,7 +272,7 @@ class ShardStream(IterableDataset):
             # which is exact because every earlier sample belongs to it or to an earlier batch.
             epoch, skip = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], BatchOrigin]]:
         info = get_worker_info()
         workers = max(1, self.workers)
         physical = info.id if info is not None else 0
@@ -320,23 +357,21 @@ def make_stream(
     flip: bool = True,
     workers: int | None = None,
     pin_memory: bool = False,
-) -> tuple[Iterator[dict], StreamPosition]:
-    """An infinite iterator of batches for this rank, and the position the loop must `update`.
-
-    Batches: `audio` int16 [B, S], `face` float32 [B, 3, 64, 64] in [-1, 1], `label` int64 [B]
-    (identity index within the split), optionally `face128`; plus bookkeeping (`worker`,
-    `epoch`, `index`, `corrupt`, `tar_errors`) for `StreamPosition.update` and logging.
+) -> Batches:
+    """This rank's infinite batches: `audio` int16 [B, S], `face` float32 [B, 3, 64, 64] in
+    [-1, 1], `label` int64 [B] (identity index within the split), optionally `face128`; the
+    returned `Batches` also keeps the position a checkpoint saves (`position`).
     """
     ds = ShardStream(
         data, split, batch_size, rank=rank, world_size=world_size, seed=seed, crop_seconds=crop_seconds,
         face128=face128, flip=flip, workers=workers, position=position,
     )
     if ds.workers == 0:
-        return iter(ds), ds.position
+        return Batches(iter(ds), ds.position)
     loader = DataLoader(ds, batch_size=None, num_workers=ds.workers, pin_memory=pin_memory,
                         persistent_workers=False, prefetch_factor=2, multiprocessing_context="fork",
                         worker_init_fn=ignore_stop_signals)
     with _stop_signals_blocked():  # the workers are forked here
-        batches = iter(loader)
-    _reap_at_exit(batches)
-    return batches, ds.position
+        items = iter(loader)
+    _reap_at_exit(items)
+    return Batches(items, ds.position)

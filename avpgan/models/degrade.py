@@ -12,10 +12,11 @@ image here, so the same *relative* blur hits a 128 px face:
 Noise sigma (0-20 on the 0-255 scale), JPEG quality 60-100, jitter shift 20/255, the
 probabilities and the flip do not depend on size.
 
-Blur and noise are batched torch (per-image kernels as one grouped conv2d); resizing and JPEG go
-image by image since each image gets its own size and quality (JPEG through PIL on the CPU).
-Every random draw comes from one CPU `torch.Generator`, so a seed gives the same pairs on any
-device.
+Everything runs on the faces' device: blur and noise are batched torch (per-image kernels as one
+grouped conv2d); resizing and JPEG go image by image since each image gets its own size and
+quality. Only JPEG leaves the device (through PIL on the CPU, one small image each way). Every
+random draw, the noise included, comes from one CPU `torch.Generator` and is moved to the
+device, so a seed gives the same draws on any device, and on the CPU the same pairs as ever.
 """
 
 from __future__ import annotations

@@ -7,18 +7,24 @@ A stage's checkpoints live in `ROOT = RUN/<stage>/checkpoints/`::
     ROOT/step-0001000/
         .metadata          DCP's index of every tensor and object below (written by rank 0)
         __0_0.distcp ...   DCP data files, one per writing rank (`torch.distributed.checkpoint`)
-        rank-00000.safetensors  rank 0's private state: data-stream position, RNG states (one per
-        rank-00001.safetensors  rank): tensors as tensors, everything else as JSON in the header
+        rank-00000.safetensors  each rank's own state, one file per rank: its data-stream position
+        rank-00001.safetensors  (tensors as tensors, everything else as JSON in the header)
         meta.json          step, samples seen, world size, MLflow run id, resolved config, stage
         COMPLETE           written last (JSON): step, world size, torch and avpgan versions, and the
                            size and SHA-256 of every other file; its presence = complete
     ROOT/step-0002000/
     ROOT/step-0003000.tmp/ a save in progress, or the leftovers of one that crashed
 
-The DCP part holds one entry per name in the `state` dict given to `save`: networks (also the
-EMA copy) as plain state dicts, keyed without DDP's `module.` prefix, so they load into an
-unwrapped network as well as a wrapped one; optimizers keyed by parameter name rather than by
-position; anything else (a GradScaler, a scheduler) as its own `state_dict()`.
+No RNG state is saved: the training loop re-seeds torch's RNG from (seed, stage, rank, step)
+before every step, and the data stream draws from RNGs seeded by its position, so the position
+is all a rank needs to continue exactly.
+
+The DCP part holds one entry per name in the `state` dict given to `save`. Each object is seen
+through DCP's `Stateful` protocol (`state_dict()` / `load_state_dict()`), the same way on save
+and on load: networks (also the EMA copy) through `ModelState`, as plain state dicts keyed
+without DDP's `module.` prefix, so they load into an unwrapped network as well as a wrapped
+one; optimizers through `OptimizerState`, keyed by parameter name rather than by position;
+anything that already is `Stateful` (a GradScaler, a scheduler) as itself.
 
 Replicated state is written once, from rank 0. Under DDP the parameters and optimizer states
 are identical on every rank, but batch-norm statistics (and the EMA's copies of them) are each
@@ -75,7 +81,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import safetensors
 import safetensors.torch
@@ -90,6 +96,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from avpgan import atomic, errors
 from avpgan.train import integrity
@@ -166,34 +173,49 @@ def _inner_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt
 
 
-def _modules(state: dict[str, object]) -> nn.ModuleDict:
-    """All networks of `state` under their names: optimizers are keyed by parameter names in here."""
-    return nn.ModuleDict({k: v for k, v in state.items() if isinstance(v, nn.Module)})
+class ModelState(Stateful):
+    """A network's weights and buffers without DDP's `module.` prefix (wrapped or not alike)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.module, state_dict)
 
 
-def _check_optimizers(state: dict[str, object], modules: nn.ModuleDict) -> None:
+class OptimizerState(Stateful):
+    """An optimizer's state keyed by parameter name within `modules` (every network of the
+    checkpoint under its name), so a load does not depend on the order of parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, modules: nn.ModuleDict):
+        self.optimizer, self.modules = _inner_optimizer(optimizer), modules
+
+    def state_dict(self) -> dict[str, Any]:
+        # Also gives a fresh optimizer its (zero) moments, so a load has somewhere to put them.
+        return get_optimizer_state_dict(self.modules, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.modules, self.optimizer, state_dict)
+
+
+def _stateful(state: dict[str, object]) -> dict[str, Stateful]:
+    """Every object of `state` as a `Stateful`, under its name: what DCP saves and loads."""
+    modules = nn.ModuleDict({k: v for k, v in state.items() if isinstance(v, nn.Module)})
     known = {id(p) for p in modules.parameters()}
-    for name, obj in state.items():
-        if isinstance(obj, torch.optim.Optimizer):
-            params = [p for g in obj.param_groups for p in g["params"]]
-            if any(id(p) not in known for p in params):
-                raise ValueError(f"checkpoint state: optimizer '{name}' updates parameters of a network that is "
-                                 f"not in the state dict ({', '.join(modules) or 'no networks'}); add that network")
-
-
-def _state_dicts(state: dict[str, object]) -> dict[str, object]:
-    """What DCP writes (or fills in place on load), one entry per name of `state`."""
-    modules = _modules(state)
-    _check_optimizers(state, modules)
-    out: dict[str, object] = {}
+    out: dict[str, Stateful] = {}
     for name, obj in state.items():
         if isinstance(obj, nn.Module):
-            out[name] = get_model_state_dict(obj)
+            out[name] = ModelState(obj)
         elif isinstance(obj, torch.optim.Optimizer):
-            # Also gives a fresh optimizer its (zero) moments, so a load has somewhere to put them.
-            out[name] = get_optimizer_state_dict(modules, _inner_optimizer(obj))
-        elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
-            out[name] = obj.state_dict()
+            if any(id(p) not in known for g in obj.param_groups for p in g["params"]):
+                raise ValueError(f"checkpoint state: optimizer '{name}' updates parameters of a network that is "
+                                 f"not in the state dict ({', '.join(modules) or 'no networks'}); add that network")
+            out[name] = OptimizerState(obj, modules)
+        elif isinstance(obj, Stateful):
+            out[name] = obj
         else:
             raise TypeError(f"checkpoint state '{name}': {type(obj).__name__} has no state_dict()/load_state_dict()")
     return out
@@ -364,7 +386,7 @@ def _save(root: Path, final: Path, step: int, rank: int, world: int, state: dict
     except Exception as e:  # reported to every rank below, after DCP's own collectives
         error = e
     with _quiet_single_process():
-        dcp.save(_state_dicts(state), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+        dcp.save(_stateful(state), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
                  planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not _distributed())
     _all_ok(error, world, f"saving checkpoint {tmp}")
 
@@ -416,12 +438,15 @@ def _read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path / META}: unreadable ({type(e).__name__}: {e})") from None
 
 
-def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
+def load(path: Path, state: dict[str, object], *, optional: Collection[str] = ()) -> tuple[dict, dict | None]:
     """Restore `state` in place from a complete checkpoint (collective); returns (meta, rank_state).
 
     Every file is verified against the marker before anything is parsed (`verify`), and DCP's
     pickles are read through allow-lists: a damaged, incomplete or crafted checkpoint raises a
     one-line `CheckpointError` and runs no code from the files.
+
+    `optional`: names of `state` that a checkpoint written by an older avpgan may lack (the loop's
+    grad scaler); absent, they keep their current state. Any other name missing is an error.
 
     rank_state is None when the checkpoint was written by a different number of ranks or this
     rank's file is missing: the caller must then re-seed and restart its data stream.
@@ -435,13 +460,19 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
 
     reader = integrity.VerifiedReader(path, marker)
     saved = reader.read_metadata().state_dict_metadata
-    missing = [n for n in state if not any(k == n or k.startswith(n + ".") for k in saved)]
-    sds = _state_dicts(state)
-    missing = [n for n in missing if sds[n]]  # an empty state (a disabled GradScaler) needs nothing
+    # What dcp.load does with Stateful entries (state_dict, fill in place, load_state_dict), by
+    # hand so that entries the checkpoint lacks are named (or left alone) before DCP reads anything.
+    stateful = _stateful(state)
+    sds = {name: obj.state_dict() for name, obj in stateful.items()}
+    # An empty state (a disabled GradScaler) needs nothing from the checkpoint.
+    absent = [n for n, sd in sds.items() if sd and not any(k == n or k.startswith(n + ".") for k in saved)]
+    missing = [n for n in absent if n not in optional]
     if missing:
         names = sorted({k.split(".")[0] for k in saved})
         raise ValueError(f"{path}: checkpoint has no {', '.join(repr(n) for n in missing)} "
                          f"(it holds {', '.join(names)})")
+    for name in absent:
+        del stateful[name], sds[name]
     planner = integrity.PlainDataPlanner(path)
     try:
         with _quiet_single_process():
@@ -452,15 +483,8 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
         if planner.refused:  # DCP wraps the planner's error in a multi-line report
             raise CheckpointError(planner.refused) from None
         raise
-
-    modules = _modules(state)
-    for name, obj in state.items():
-        if isinstance(obj, nn.Module):
-            set_model_state_dict(obj, sds[name])
-        elif isinstance(obj, torch.optim.Optimizer):
-            set_optimizer_state_dict(modules, _inner_optimizer(obj), sds[name])
-        elif sds[name]:
-            obj.load_state_dict(sds[name])
+    for name, obj in stateful.items():
+        obj.load_state_dict(sds[name])
 
     rank_file = _rank_file(path, rank)
     rank_state = None
@@ -469,8 +493,8 @@ def load(path: Path, state: dict[str, object]) -> tuple[dict, dict | None]:
     return meta, rank_state
 
 
-def load_newest(root: Path, state: dict[str, object],
-                say: Callable[[str], None] = print) -> tuple[Path, dict, dict | None] | None:
+def load_newest(root: Path, state: dict[str, object], say: Callable[[str], None] = print, *,
+                optional: Collection[str] = ()) -> tuple[Path, dict, dict | None] | None:
     """Resume from the newest checkpoint under `root` that verifies (collective).
 
     A checkpoint that fails verification is skipped with a line through `say` naming it and
@@ -482,7 +506,7 @@ def load_newest(root: Path, state: dict[str, object],
     refused: list[str] = []
     for ckpt in candidates:
         try:
-            meta, rank_state = load(ckpt, state)
+            meta, rank_state = load(ckpt, state, optional=optional)
         except CheckpointError as e:
             refused.append(str(e))
             say(f"checkpoint {ckpt.name} cannot be used: {e}; trying the next older one")

@@ -11,7 +11,8 @@ Determinism (what makes "N steps straight" equal "N/2 steps, kill -9, resume, N/
 - every step re-seeds torch's RNG from (seed, stage, rank, step), so noise, dropout and
   augmentation inside a step depend on the step number only, not on what ran before;
 - the batch source is a pure function of its saved position (`StreamPosition`, `BankPosition`);
-- models, EMA, optimizers and scaler round-trip exactly through `checkpoint.py`.
+- models, EMA, optimizers and the fp16 grad scaler round-trip exactly through `checkpoint.py`;
+  nothing else needs saving (no RNG state: the per-step re-seeding above replaces it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int = errors.EXIT_INPUT):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Checkpoint entries that older checkpoints lack: before avpgan saved the grad scaler, an fp16
+# run's checkpoints had none; resuming one, the scaler starts again from its initial scale.
+OPTIONAL_STATE = ("scaler",)
 
 
 def _seed_for(*key) -> int:
@@ -255,24 +261,27 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     seed_everything(_seed_for(cfg.train.seed, name, "init"))
     stage = stage_cls(cfg, acc, run_dir)
     state = stage.state()
+    if acc.scaler is not None:  # fp16 on a GPU: the loss scale and its growth count go on where they were
+        state["scaler"] = acc.scaler
 
     step, saved, start = 0, None, None
     if resume == "auto":  # the newest checkpoint that verifies; each refused one is named in the log
-        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"))
+        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"),
+                                       optional=OPTIONAL_STATE)
         if found is not None:
             start, meta, rank_state = found
     elif resume != "never":  # a checkpoint the user named: no fallback
         start = Path(resume)
-        meta, rank_state = checkpoint.load(start, state)
+        meta, rank_state = checkpoint.load(start, state, optional=OPTIONAL_STATE)
     if start is not None:
         step = int(meta["step"])
         saved = (rank_state or {}).get("stream")
 
-    source, position = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
+    source = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
     if start is not None:
         if saved is None:
             acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
-                      f"{position.on_new_world}")
+                      f"{source.position.on_new_world}")
         acc.print(f"[{name}] resumed from {start} at step {step}")
     fixed = stage.fixed_inputs() if acc.is_main_process else None
 
@@ -280,7 +289,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         try:
             checkpoint.save(
                 ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
-                rank_state={"stream": position.state_dict()},  # the batch source's position, stream or bank
+                rank_state={"stream": source.position.state_dict()},  # after the last batch taken, stream or bank
                 meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
                       "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id,
                       "config": config_mod.to_yaml(cfg)},
@@ -292,7 +301,6 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     try:
         nonfinite_in_row = 0
         nonfinite_total = 0
-        bad_samples: dict[int, int] = {}  # per loader worker: corrupt samples and broken tar members skipped
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
@@ -301,11 +309,9 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         while step < scfg.steps:
             t0 = time.perf_counter()
             batch = next(source)
-            position.update(batch)
-            bad_samples[batch.get("worker", 0)] = batch.get("corrupt", 0) + batch.get("tar_errors", 0)  # the bank has none
             t1 = time.perf_counter()
             torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             metrics, finite = stage.step(batch, step)
             step += 1
             if acc.device.type == "cuda":
@@ -335,7 +341,8 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
                 local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
                                      device=acc.device, dtype=torch.float64)
                 mean = acc.reduce(local, reduction="mean")
-                skipped = int(acc.reduce(torch.tensor([sum(bad_samples.values())], device=acc.device), reduction="sum")[0])
+                # corrupt samples and broken tar members, all ranks
+                skipped = int(acc.reduce(torch.tensor([source.skipped], device=acc.device), reduction="sum")[0])
                 keys = sorted(sums)
                 logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
                 data_s, compute_s, wall = (float(x) for x in mean[len(keys):])

@@ -31,7 +31,7 @@ from avpgan import atomic, models
 from avpgan.config import Config
 from avpgan.data import bank
 from avpgan.data.shards import load_manifest
-from avpgan.data.stream import StreamPosition, make_stream
+from avpgan.data.stream import Batches, StreamPosition, make_stream
 from avpgan.features import LogMel
 from avpgan.images import make_grid
 from avpgan.train.ema import EMA
@@ -103,8 +103,8 @@ class Stage:
     def state(self) -> dict:
         raise NotImplementedError
 
-    def batches(self, seed: int, step: int, saved: dict | None) -> tuple[Iterator[dict], StreamPosition | bank.BankPosition]:
-        """This rank's batches from `step` on, and the position the loop updates and checkpoints.
+    def batches(self, seed: int, step: int, saved: dict | None) -> Batches | bank.BankSampler:
+        """This rank's batches from `step` on; the source's `position` is what the loop checkpoints.
 
         `saved` is the position this rank checkpointed (None: a fresh start, or a checkpoint from
         another world size). The default is the shard stream of `split`.
@@ -134,9 +134,8 @@ class Stage:
 
     def fixed_val_batch(self, n: int = 8) -> dict:
         """The same voices/faces every time: the first validation batch for seed 0, no flips."""
-        stream, _ = make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True)
-        batch = next(stream)
-        return {k: v.to(self.acc.device) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0}
+        batch = next(make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True))
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def sync_bn(self, module: nn.Module) -> nn.Module:
         """SyncBatchNorm on multi-GPU only: it raises on CPU."""
@@ -253,9 +252,8 @@ class GanStage(Stage):
                              world_size=acc.num_processes, barrier=acc.wait_for_everyone, log=acc.print)
         self.train_bank = train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, acc.device)
         position = bank.BankPosition.from_state_dict(saved) if saved is not None else bank.BankPosition(step)
-        sampler = bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=acc.process_index,
-                                   world_size=acc.num_processes, start_step=position.step)
-        return sampler, position
+        return bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=acc.process_index,
+                                world_size=acc.num_processes, start_step=position.step)
 
     def embed(self, batch: dict, noise_std: float) -> torch.Tensor:
         """The unit voice embedding G is fed: from the bank's stored one, or F_e on the batch's audio.
@@ -434,10 +432,9 @@ class RestoreStage(Stage):
         return {"g": self.g, "d": self.d, "c": self.c, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
     def pairs(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(64 px degraded input, clean target) made from the batch's faces; JPEG runs on the CPU."""
-        gen = torch.Generator().manual_seed(seed)
-        lq, target = models.degrade(faces_at(batch, self.size).cpu(), gen, out_size=64)
-        return lq.to(self.acc.device), target.to(self.acc.device)
+        """(64 px degraded input, clean target) made from the batch's faces on their device. The
+        draws come from a CPU generator, so a seed makes the same pairs on any device."""
+        return models.degrade(faces_at(batch, self.size), torch.Generator().manual_seed(seed), out_size=64)
 
     def step(self, batch, step):
         r = self.cfg.model.restorer
