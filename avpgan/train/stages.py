@@ -17,6 +17,7 @@ A new stage is one class here, one entry in STAGES and one `train.<name>` config
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -87,6 +88,20 @@ def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
             del inner.found_inf
     elif not bool(skip):
         opt.step()
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s trainable parameters take no gradient inside the block (the backward then skips
+    their weight gradients); restored on the way out. For a network used, not trained, by an update."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class Stage:
@@ -314,12 +329,13 @@ class GanStage(Stage):
                 loss_c, parts_c = models.c_loss(id_logits[:n], label)
         ok_d = self.update(loss_d + loss_c, self.opt_d, "D/C")
         d_plain = self.acc.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
-        with self.phase("G"), self.acc.autocast():
-            fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
-            loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
-        ok_g = self.update(loss_g, self.opt_g, "G")
+        with frozen(d_plain):  # nor D's weight gradients: only those reaching G through D's input
+            with self.phase("G"), self.acc.autocast():
+                fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
+                loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
+            ok_g = self.update(loss_g, self.opt_g, "G")
         with self.phase("optimizer"):
-            d_plain.zero_grad(set_to_none=True)
+            d_plain.zero_grad(set_to_none=True)  # D's own gradients, done with: not held until the next step
             self.ema.update(self.acc.unwrap_model(self.g), only_if=ok_g)  # the EMA follows G's finite updates only
         metrics = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **parts_d, **parts_c, **parts_g}
         return metrics, ok_d & ok_g
