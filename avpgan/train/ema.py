@@ -22,14 +22,19 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))  # checkpointed with the weights
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        n = int(self.num_updates)
-        decay = min(self.decay, (1 + n) / (10 + n))
-        self.num_updates += 1
+    def update(self, model: nn.Module, only_if: torch.Tensor | None = None) -> None:
+        """Move toward `model`; where the bool tensor `only_if` is false, change nothing (not even the
+        update count). The decay is computed on the device from `num_updates`, so an update never
+        makes the host wait for the step that produced `model`."""
+        n = self.num_updates.double()
+        weight = 1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)  # float64, as a Python float was
+        take = torch.ones((), dtype=torch.bool, device=n.device) if only_if is None else only_if.to(n.device)
+        weight = torch.where(take, weight, 0.0).float()
+        self.num_updates += take.long()
         for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+            ema_p.lerp_(p.detach(), weight)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
-            ema_b.copy_(b)
+            ema_b.copy_(torch.where(take, b, ema_b))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

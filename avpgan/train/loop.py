@@ -297,68 +297,66 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         except checkpoint.CheckpointWriteError as e:  # every rank gets it
             raise save_failed(e, ckpt_root, name) from e
 
+    def stop_unhealthy(at_step: int) -> None:
+        """Stop the run when `train.max_nonfinite` updates in a row were skipped (read on the host here,
+        at log, checkpoint and stop steps only). Skipped updates changed nothing, so the state saved
+        is the last good one, or a later finite one when the run recovered before this read."""
+        streak = health.read()
+        if streak is not None:
+            save(at_step)
+            raise TrainingStopped(
+                f"[{name}] {cfg.train.max_nonfinite} non-finite losses in a row at step {streak} (seen at step "
+                f"{at_step}); stopped. The last good state is saved in {ckpt_root}. "
+                "Lower the learning rate or use bf16/no mixed precision."
+            )
+
     progress = console.StageProgress(name, scfg.steps, step, show=acc.is_main_process)
     try:
-        nonfinite_in_row = 0
-        nonfinite_total = 0
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        window_steps, t_data, t_compute, t_window = 0, 0.0, 0.0, time.perf_counter()
+        health = NonFiniteWatch(cfg.train.max_nonfinite, first_step=step + 1)
+        window = MetricWindow()
+        t_data, t_aside, t_window = 0.0, 0.0, time.perf_counter()
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        # Nothing in this loop reads a device value between log steps: metrics and finite flags stay
+        # tensors until then, so the host queues step after step while the device works.
         while step < scfg.steps:
             t0 = time.perf_counter()
             batch = next(source)
-            t1 = time.perf_counter()
+            t_data += time.perf_counter() - t0
             torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             metrics, finite = stage.step(batch, step)
             step += 1
-            if acc.device.type == "cuda":
-                torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            t_data += t1 - t0
-            t_compute += t2 - t1
-            window_steps += 1
             progress.update(step)
-            for k, v in metrics.items():  # some metrics (R1) appear only on some steps
-                sums[k] = sums.get(k, 0.0) + float(v)
-                counts[k] = counts.get(k, 0) + 1
-            if finite:
-                nonfinite_in_row = 0
-            else:
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-                if nonfinite_in_row >= cfg.train.max_nonfinite:
-                    save(step)  # updates were skipped, so this is the last good state
-                    raise TrainingStopped(
-                        f"[{name}] {nonfinite_in_row} non-finite losses in a row at step {step}; stopped. "
-                        f"The last good state is saved in {ckpt_root}. Lower the learning rate or use bf16/no mixed precision."
-                    )
+            window.add(metrics)
+            health.add(finite)
 
             if step % cfg.train.log_every == 0 or step == scfg.steps:
-                elapsed = time.perf_counter() - t_window
-                local = torch.tensor([sums[k] / counts[k] for k in sorted(sums)] + [t_data, t_compute, elapsed],
-                                     device=acc.device, dtype=torch.float64)
+                stop_unhealthy(step)
+                means = window.means(acc.device)  # the window's one read of the device (waits for its steps)
+                elapsed = time.perf_counter() - t_window - t_aside
+                local = torch.cat([means, torch.tensor([t_data, elapsed], device=acc.device, dtype=torch.float64)])
                 mean = acc.reduce(local, reduction="mean")
                 # corrupt samples and broken tar members, all ranks
                 skipped = int(acc.reduce(torch.tensor([source.skipped], device=acc.device), reduction="sum")[0])
-                keys = sorted(sums)
+                keys = window.keys
                 logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
-                data_s, compute_s, wall = (float(x) for x in mean[len(keys):])
+                data_s, wall = (float(x) for x in mean[len(keys):])
                 logged.update({
-                    f"{name}/time_data_ms": 1000 * data_s / window_steps,
-                    f"{name}/time_compute_ms": 1000 * compute_s / window_steps,
-                    f"{name}/samples_per_s": window_steps * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
-                    f"{name}/nonfinite_skipped": nonfinite_total,
+                    f"{name}/time_data_ms": 1000 * data_s / len(window),
+                    f"{name}/time_compute_ms": 1000 * (wall - data_s) / len(window),
+                    f"{name}/samples_per_s": len(window) * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
+                    f"{name}/nonfinite_skipped": health.total,
                     f"{name}/corrupt_samples": skipped,
                     f"{name}/peak_mem_mb": _peak_memory_mb(acc),
                 })
                 tracker.log_metrics(logged, step=global_offset + step)
                 progress.say(f"[{name}] {progress.status(step)} " + " ".join(
                     f"{k.split('/')[-1]}={v:.4g}" for k, v in logged.items() if not k.endswith(("_skipped", "_samples"))))
-                sums, counts, window_steps, t_data, t_compute, t_window = {}, {}, 0, 0.0, 0.0, time.perf_counter()
+                window = MetricWindow()
+                t_data, t_aside, t_window = 0.0, 0.0, time.perf_counter()
 
+            t_set_aside = time.perf_counter()  # sample grids and checkpoints: not the steps' time
             if fixed is not None and (step % cfg.train.sample_every == 0 or step == scfg.steps):
                 grid = stage.sample_grid(fixed)
                 if grid is not None:
@@ -373,13 +371,16 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
 
             if step == scfg.steps:
                 break
-            if preempt.should_stop(acc):
+            if stop_requested(acc, step):
+                stop_unhealthy(step)
                 save(step)
                 why = "interrupted (Ctrl-C)" if preempt.reason() == "SIGINT" else "preempted"
                 progress.say(f"[{name}] {why} at step {step}, checkpoint saved")
                 return "preempted"
             if step % cfg.train.checkpoint_every == 0:
+                stop_unhealthy(step)
                 save(step)
+            t_aside += time.perf_counter() - t_set_aside  # subtracted from the window's wall time at its log
 
         save(step)
         if acc.is_main_process:
@@ -388,6 +389,77 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
         return "finished"
     finally:
         progress.close()
+
+
+class MetricWindow:
+    """The metric tensors of the steps since the last log, kept on the device until `means`.
+
+    Some metrics (R1) appear only on some steps; each is averaged over the steps that have it."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.steps = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(torch.as_tensor(v).detach())
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self.values)
+
+    def means(self, device: torch.device) -> torch.Tensor:
+        """float64 [len(keys)] on `device`, in `keys` order."""
+        rows = [torch.stack(self.values[k]).to(device, torch.float64).mean() for k in self.keys]
+        return torch.stack(rows) if rows else torch.zeros(0, device=device, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class NonFiniteWatch:
+    """Consecutive skipped (non-finite) updates, counted from per-step bool tensors that stay on the
+    device until `read`, which fetches all of them at once. All ranks hold the same flags (the
+    gradients are all-reduced), so all ranks reach the same verdict at the same step."""
+
+    def __init__(self, limit: int, first_step: int):
+        self.limit = limit
+        self.flags: list[torch.Tensor] = []
+        self.next_step = first_step  # the step number (counted from 1) of the first flag not read yet
+        self.in_row = 0
+        self.total = 0
+
+    def add(self, finite: torch.Tensor | bool) -> None:
+        self.flags.append(torch.as_tensor(finite))
+
+    def read(self) -> int | None:
+        """The step at which `limit` skipped updates in a row were first reached since the last
+        read, or None."""
+        if not self.flags:
+            return None
+        finite = torch.stack([f.to(self.flags[0].device) for f in self.flags]).tolist()
+        reached = None
+        for i, ok in enumerate(finite):
+            self.in_row = 0 if ok else self.in_row + 1
+            self.total += not ok
+            if reached is None and self.in_row >= self.limit:
+                reached = self.next_step + i
+        self.next_step += len(finite)
+        self.flags.clear()
+        return reached
+
+
+def stop_requested(acc: Accelerator, step: int, every: int = 10) -> bool:
+    """Has any rank been asked to stop (preemption, Ctrl-C)? One process asks its own flag, which
+    costs nothing. Several agree through an all-reduce whose result the host must read: on GPUs
+    that read waits for the device, so they ask every `every` steps (a stop lands within that many
+    steps, well inside the scheduler's warning); on CPU (gloo) every step."""
+    if acc.num_processes == 1:
+        return preempt.requested()
+    if acc.device.type == "cuda" and step % every:
+        return False
+    return preempt.should_stop(acc)
 
 
 def save_failed(e: checkpoint.CheckpointWriteError, ckpt_root: Path, stage: str) -> TrainingStopped:

@@ -17,6 +17,7 @@ A new stage is one class here, one entry in STAGES and one `train.<name>` config
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,7 @@ from avpgan.data.shards import load_manifest
 from avpgan.data.stream import Batches, StreamPosition, make_stream
 from avpgan.features import LogMel
 from avpgan.images import make_grid
+from avpgan.train import phases
 from avpgan.train.ema import EMA
 
 # Sample grids show each face at 128 px or more: the MLflow UI fits a grid into its image card,
@@ -63,10 +65,43 @@ def weights_path(cfg: Config, run_dir: Path, stage: str) -> Path:
     return Path(explicit) if explicit else run_dir / stage / "model.safetensors"
 
 
-def grads_finite(params) -> bool:
-    """After the DDP all-reduce every rank holds the same gradients, so all ranks agree here."""
+def grads_finite(params) -> torch.Tensor:
+    """Whether every gradient is finite, as a bool tensor on the gradients' device: reading it
+    would make the host wait for the step, so `Stage.update` hands it to the optimizer instead.
+    After the DDP all-reduce every rank holds the same gradients, so all ranks agree here."""
     flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`opt.step()`, which changes nothing (weights, moments, step count) where `skip` is true.
+
+    A fused Adam takes the flag as `found_inf`, the attribute torch's GradScaler sets for the
+    same purpose, and skips on the device; any other optimizer reads the flag on the host first.
+    """
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if inner.defaults.get("fused"):
+        inner.found_inf = skip.float()
+        try:
+            opt.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        opt.step()
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s trainable parameters take no gradient inside the block (the backward then skips
+    their weight gradients); restored on the way out. For a network used, not trained, by an update."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class Stage:
@@ -78,27 +113,33 @@ class Stage:
     def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
         self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
         self.scfg = cfg.train.stage(self.name)
+        self.phase: phases.Phase = phases.record  # regions of `step`; benchmarks time them
         manifest = load_manifest(Path(cfg.data.shards))
         self.num_identities = len(manifest["splits"]["train"]["identities"])
 
     def adam(self, *modules: nn.Module) -> torch.optim.Optimizer:
-        """The stage's Adam over the trainable parameters of `modules` (frozen ones left out)."""
-        params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas))
+        """The stage's Adam over the trainable parameters of `modules` (frozen ones left out).
 
-    def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> bool:
-        """Backward + step, skipped (and reported) when the gradients are not finite."""
+        Fused (one kernel for every tensor, on CPU and CUDA alike): it also skips a non-finite
+        update on the device (`step_unless`), so a step never waits for the host."""
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.scfg.lr, betas=tuple(self.scfg.betas), fused=True)
+
+    def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer, phase: str = "backward") -> torch.Tensor:
+        """Backward (timed as `phase`) + step; returns whether the gradients were finite, as a
+        bool tensor on the device. A non-finite update is skipped: weights and Adam's state stay
+        as they were, and the loop counts the skip when it next reads the flags."""
         opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        if self.acc.mixed_precision == "fp16":
-            opt.step()  # the grad scaler skips non-finite steps itself and lowers its scale
-            return not opt.step_was_skipped
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if not grads_finite(params):
-            opt.zero_grad(set_to_none=True)
-            return False
-        opt.step()
-        return True
+        with self.phase(phase):
+            self.acc.backward(loss)
+        with self.phase("optimizer"):
+            if self.acc.mixed_precision == "fp16":
+                opt.step()  # the grad scaler skips non-finite steps itself and lowers its scale (a host read)
+                return torch.tensor(not opt.step_was_skipped, device=loss.device)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            finite = grads_finite(params).to(loss.device)
+            step_unless(opt, ~finite)
+        return finite
 
     def state(self) -> dict:
         raise NotImplementedError
@@ -116,7 +157,9 @@ class Stage:
             face128=self.face128, pin_memory=self.acc.device.type == "cuda",
         )
 
-    def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], bool]:
+    def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One update: detached metric tensors, and whether it was finite (a bool tensor). Nothing
+        here reads a device value on the host; the loop reads them all at its log interval."""
         raise NotImplementedError
 
     def write_model(self, path: Path) -> None:
@@ -260,8 +303,13 @@ class GanStage(Stage):
         Either way Voice2Face's training noise goes on top (normalising a unit vector changes nothing)."""
         with torch.no_grad():
             if "embedding" in batch:
-                return models.voice_embedding(batch["embedding"], noise_std=noise_std)
-            return models.voice_embedding(self.encoder(self.logmel(batch["audio"])), noise_std=noise_std)
+                voice = batch["embedding"]
+            else:
+                with self.phase("features"):
+                    mel = self.logmel(batch["audio"])
+                with self.phase("encoder"):
+                    voice = self.encoder(mel)
+            return models.voice_embedding(voice, noise_std=noise_std)
 
     def step(self, batch, step):
         face, label = batch["face"], batch["label"]
@@ -270,22 +318,25 @@ class GanStage(Stage):
         self.d.train()
         augment = self.scfg.augment  # real and generated faces alike, so D cannot tell them apart by it
         with self.acc.autocast():
-            fake = self.g(emb)
-            logit, id_logits = self.d(models.diff_augment(torch.cat([face, fake.detach()]), augment))
-            n = face.shape[0]
-            loss_d, parts_d = models.d_loss(logit[:n], logit[n:])
-            loss_c, parts_c = models.c_loss(id_logits[:n], label)
-        ok_d = self.update(loss_d + loss_c, self.opt_d)
+            with self.phase("G"):
+                fake = self.g(emb)
+            with self.phase("D/C"):
+                logit, id_logits = self.d(models.diff_augment(torch.cat([face, fake.detach()]), augment))
+                n = face.shape[0]
+                loss_d, parts_d = models.d_loss(logit[:n], logit[n:])
+                loss_c, parts_c = models.c_loss(id_logits[:n], label)
+        ok_d = self.update(loss_d + loss_c, self.opt_d, "D/C")
         d_plain = self.acc.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
-        with self.acc.autocast():
-            fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
-            loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
-        ok_g = self.update(loss_g, self.opt_g)
-        d_plain.zero_grad(set_to_none=True)
-        if ok_g:
-            self.ema.update(self.acc.unwrap_model(self.g))
+        with frozen(d_plain):  # nor D's weight gradients: only those reaching G through D's input
+            with self.phase("G"), self.acc.autocast():
+                fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
+                loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
+            ok_g = self.update(loss_g, self.opt_g, "G")
+        with self.phase("optimizer"):
+            d_plain.zero_grad(set_to_none=True)  # D's own gradients, done with: not held until the next step
+            self.ema.update(self.acc.unwrap_model(self.g), only_if=ok_g)  # the EMA follows G's finite updates only
         metrics = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **parts_d, **parts_c, **parts_g}
-        return metrics, ok_d and ok_g
+        return metrics, ok_d & ok_g
 
     def write_model(self, path: Path) -> None:
         write_weights(self.ema.module, path)
