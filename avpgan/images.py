@@ -76,7 +76,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 (or BxHxWx3) -> float32 CHW (or BCHW) in [-1, 1]."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(img)).float().sub_(127.5).div_(127.5)
+    t = torch.from_numpy(np.array(img, dtype=np.float32)).sub_(127.5).div_(127.5)  # a copy: shard views are read-only
     return t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
