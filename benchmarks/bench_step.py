@@ -150,7 +150,7 @@ class Voice2FaceStep:
 # avpgan's step: the real GanStage, over a throw-away run directory.
 
 
-def make_gan_stage(config: str, path: str, acc: Accelerator, identities: int, workdir: Path) -> GanStage:
+def make_gan_stage(config: str, path: str, accelerator: Accelerator, identities: int, workdir: Path) -> GanStage:
     """`GanStage` of `configs/<config>.yaml` on `path` ("audio" | "bank"), with a random voice
     encoder and a manifest that only names `identities` train identities (C's width)."""
     run_dir = workdir / f"{config}-{path}"
@@ -162,15 +162,15 @@ def make_gan_stage(config: str, path: str, acc: Accelerator, identities: int, wo
     cfg = config_mod.load(ROOT / "configs" / f"{config}.yaml", [
         f"data.shards={shards}", f"train.run_dir={run_dir}", "tracking.enabled=false",
         f"data.bank.enabled={'true' if path == 'bank' else 'false'}",
-        f"train.mixed_precision={acc.mixed_precision}",
+        f"train.mixed_precision={accelerator.mixed_precision}",
     ])
     write_weights(models.build_voice_encoder(cfg.model.voice), run_dir / "voice" / "model.safetensors")
-    return GanStage(cfg, acc, run_dir)
+    return GanStage(cfg, accelerator, run_dir)
 
 
 def bank_of(stage: GanStage, host: dict[str, torch.Tensor]) -> bank.Bank:
     """A bank in device memory holding the batch's own utterances (one crop each) and faces."""
-    dev = stage.acc.device
+    dev = stage.accelerator.device
     audio = host["audio"].to(dev)
     with torch.no_grad():
         emb = models.voice_embedding(stage.encoder(stage.logmel(audio)))
@@ -189,7 +189,7 @@ class Variant:
 def gan_variant(name: str, stage: GanStage, path: str, host: dict[str, torch.Tensor]) -> Variant:
     """The loop's work for one step on `path`: the batch to the device (audio) or drawn from the
     bank (on the device already), then `GanStage.step`."""
-    dev = stage.acc.device
+    dev = stage.accelerator.device
     if path == "bank":
         sampler = bank.BankSampler(bank_of(stage, host), host["face"].shape[0], seed=0)
 
@@ -208,7 +208,7 @@ def gan_variant(name: str, stage: GanStage, path: str, host: dict[str, torch.Ten
         stage.phase = phase
 
     def modules() -> list[nn.Module]:
-        return [stage.acc.unwrap_model(stage.g), stage.acc.unwrap_model(stage.d), stage.ema.module]
+        return [stage.accelerator.unwrap_model(stage.g), stage.accelerator.unwrap_model(stage.d), stage.ema.module]
 
     return Variant(name, step, set_phase, modules)
 
@@ -297,7 +297,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=set_precision(args.precision))
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=set_precision(args.precision))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         set_precision(args.precision)  # after Accelerator, which leaves the switches alone but be sure
@@ -314,7 +314,7 @@ def main() -> None:
                 name = f"{config}.yaml, {path}"
                 if wanted and not any(w in name for w in wanted):
                     continue
-                stage = make_gan_stage(config, path, acc, args.identities, Path(tmp))
+                stage = make_gan_stage(config, path, accelerator, args.identities, Path(tmp))
                 variants.append(gan_variant(name, stage, path, host))
         if args.channels_last:
             to_channels_last([m for v in variants for m in v.modules()], host)

@@ -190,7 +190,7 @@ def test_gan_step_on_the_bank_equals_the_step_on_its_audio(tiny_shards, tmp_path
     from avpgan.train.stages import GanStage
 
     cfg, weights = voice_run(tiny_shards, tmp_path / "run")
-    acc = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     batch = next(make_stream(cfg.data, "train", 4, workers=0, seed=1))
     audio_batch = {k: batch[k] for k in ("audio", "face", "label")}
     bank_batch = {"embedding": bank._Embedder(cfg, weights, torch.device("cpu"))(list(batch["audio"].numpy())),
@@ -201,12 +201,12 @@ def test_gan_step_on_the_bank_equals_the_step_on_its_audio(tiny_shards, tmp_path
 
     def after_one_step(b: dict) -> dict:
         seed_everything(11)
-        stage = GanStage(cfg, acc, tmp_path / "run")
-        initial = {k: v.clone() for k, v in acc.unwrap_model(stage.g).state_dict().items()}
+        stage = GanStage(cfg, accelerator, tmp_path / "run")
+        initial = {k: v.clone() for k, v in accelerator.unwrap_model(stage.g).state_dict().items()}
         torch.manual_seed(12)
         metrics, finite = stage.step(b, 0)
         assert finite
-        nets = {net: acc.unwrap_model(getattr(stage, net)).state_dict() for net in ("g", "d")}
+        nets = {net: accelerator.unwrap_model(getattr(stage, net)).state_dict() for net in ("g", "d")}
         assert any(not torch.equal(initial[k], v) for k, v in nets["g"].items())  # the step did update G
         return nets | {"ema": stage.ema.module.state_dict()}
 

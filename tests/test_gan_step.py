@@ -51,7 +51,7 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module, parameters
 
 def test_g_update_leaves_d_unchanged(make_stage):
     stage = make_stage()
-    d, g = stage.acc.unwrap_model(stage.d), stage.acc.unwrap_model(stage.g)
+    d, g = stage.accelerator.unwrap_model(stage.d), stage.accelerator.unwrap_model(stage.g)
     d_start, g_start = snapshot(d), snapshot(g)
     after_d_update: dict[str, torch.Tensor] = {}
     d_step = stage.opt_d.step
@@ -94,11 +94,11 @@ def test_ema_moves_only_after_a_finite_g_step(make_stage):
     assert finite and int(stage.ema.num_updates) == 1 and changed(ema_start, stage.ema)
 
     ema_after_one = snapshot(stage.ema)
-    g_after_one = snapshot(stage.acc.unwrap_model(stage.g))
+    g_after_one = snapshot(stage.accelerator.unwrap_model(stage.g))
     bad = batch(stage)
     bad["embedding"] = torch.full_like(bad["embedding"], float("nan"))  # G's loss and gradients: NaN
     metrics, finite = stage.step(bad, step=1)
     assert not finite and not torch.isfinite(metrics["loss_g"])
     assert not changed(ema_after_one, stage.ema), "the EMA moved after a skipped G update"
-    g = stage.acc.unwrap_model(stage.g)
+    g = stage.accelerator.unwrap_model(stage.g)
     assert all(torch.equal(g_after_one[k], v) for k, v in g.named_parameters())  # G's update was skipped

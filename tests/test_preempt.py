@@ -336,13 +336,13 @@ def worker(out: Path) -> int:
     from avpgan.train import preempt
 
     torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True)
     preempt.install()
-    rank = acc.process_index
+    rank = accelerator.process_index
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    model, opt = acc.prepare(model, opt)
+    model, opt = accelerator.prepare(model, opt)
     pause = float(os.environ.get("STEP_SECONDS", "0"))
     step = 0
     while step < MAX_STEPS:
@@ -350,27 +350,27 @@ def worker(out: Path) -> int:
         x = torch.randn(4, 8, generator=g)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
-        acc.backward(loss)
+        accelerator.backward(loss)
         opt.step()
         step += 1
         tmp = out / f"progress-{rank}.json.tmp"
         tmp.write_text(json.dumps({"step": step}))
         os.replace(tmp, out / f"progress-{rank}.json")
         time.sleep(pause)
-        if preempt.should_stop(acc):
+        if preempt.should_stop(accelerator):
             break
-    result = {"rank": rank, "world": acc.num_processes, "stop": step, "reason": preempt.reason(),
+    result = {"rank": rank, "world": accelerator.num_processes, "stop": step, "reason": preempt.reason(),
               "backend": dist.get_backend() if dist.is_initialized() else None,
               "pid": os.getpid(), "ppid": os.getppid(),
-              "weights": acc.unwrap_model(model).weight.detach().flatten().tolist()}
+              "weights": accelerator.unwrap_model(model).weight.detach().flatten().tolist()}
     tmp = out / f"result-{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / f"result-{rank}.json")
     # Drop DDP and the optimizer before destroying the process group: a gloo thread still owned
     # by a live DDP model at interpreter exit can abort the process (exit -6) under torchrun.
     model = opt = loss = None
-    acc.free_memory()
-    acc.end_training()
+    accelerator.free_memory()
+    accelerator.end_training()
     return 0
 
 

@@ -77,7 +77,7 @@ def test_gan_step_does_not_synchronize_cuda(tiny_shards, tmp_path):
     torch.manual_seed(0)
     write_weights(models.build_voice_encoder(cfg.model.voice), tmp_path / "voice" / "model.safetensors")
     stage = GanStage(cfg, loop.make_accelerator(cfg), tmp_path)
-    dev = stage.acc.device
+    dev = stage.accelerator.device
     batch = {"face": torch.rand(4, 3, 64, 64, device=dev) * 2 - 1,
              "label": torch.randint(0, stage.num_identities, (4,), device=dev),
              "embedding": torch.nn.functional.normalize(torch.randn(4, cfg.model.voice.embed_dim, device=dev), dim=1)}

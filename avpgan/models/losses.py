@@ -63,8 +63,8 @@ def c_loss(
     """Eq. (13): cross-entropy of C on real faces against their identities."""
     logits = id_logits_real.float()
     ce = weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weight, "c_loss")
-    acc = (logits.detach().argmax(1) == labels).float().mean()
-    return ce, {"c_real": ce.detach(), "c_acc_real": acc}
+    accuracy = (logits.detach().argmax(1) == labels).float().mean()
+    return ce, {"c_real": ce.detach(), "c_acc_real": accuracy}
 
 
 def g_loss(
@@ -74,5 +74,5 @@ def g_loss(
     adv = _bce(_logit_vector(fake_logit, "g_loss"), True, weight, "g_loss")
     logits = id_logits_fake.float()
     cls = weighted_mean(F.cross_entropy(logits, voice_labels, reduction="none"), weight, "g_loss")
-    acc = (logits.detach().argmax(1) == voice_labels).float().mean()
-    return adv + cls, {"g_adv": adv.detach(), "g_cls": cls.detach(), "c_acc_fake": acc}
+    accuracy = (logits.detach().argmax(1) == voice_labels).float().mean()
+    return adv + cls, {"g_adv": adv.detach(), "g_cls": cls.detach(), "c_acc_fake": accuracy}

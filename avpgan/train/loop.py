@@ -79,17 +79,17 @@ def write_failed_status(run_dir: Path, stage: str) -> None:
 
 def make_accelerator(cfg: Config) -> Accelerator:
     use_cpu = not torch.cuda.is_available()
-    acc = Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
         # The GAN step forwards D on real and fake in one call and never leaves parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    if acc.device.type == "cuda":
+    if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return acc
+    return accelerator
 
 
 def train(cfg: Config, resume: str = "auto") -> Path:
@@ -98,28 +98,28 @@ def train(cfg: Config, resume: str = "auto") -> Path:
         if name not in STAGES:
             raise config_mod.ConfigError(f"train.stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
     run_dir = Path(cfg.train.run_dir)
-    acc = make_accelerator(cfg)
-    lock = hold_run_lock(acc, run_dir)
+    accelerator = make_accelerator(cfg)
+    lock = hold_run_lock(accelerator, run_dir)
     handlers = preempt.install()
     try:
-        with console.copy_output_to(run_dir / "train.log" if acc.is_main_process else None):
-            return _train(cfg, resume, acc, run_dir)
+        with console.copy_output_to(run_dir / "train.log" if accelerator.is_main_process else None):
+            return _train(cfg, resume, accelerator, run_dir)
     finally:
         preempt.restore(handlers)
         if lock is not None:
             lock.release()
 
 
-def hold_run_lock(acc: Accelerator, run_dir: Path) -> RunLock | None:
+def hold_run_lock(accelerator: Accelerator, run_dir: Path) -> RunLock | None:
     """The main process locks the run directory before writing anything there; every rank raises
     RunLocked when another training holds it (so no rank waits for a peer that gave up)."""
     lock, refused = None, None
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         try:
             lock = RunLock(run_dir).acquire()
         except RunLocked as e:
             refused = str(e)
-    if acc.num_processes > 1:
+    if accelerator.num_processes > 1:
         box = [refused]
         broadcast_object_list(box, from_process=0)
         refused = box[0]
@@ -128,24 +128,24 @@ def hold_run_lock(acc: Accelerator, run_dir: Path) -> RunLock | None:
     if lock is not None:
         for note in (lock.warning, lock.takeover_note()):
             if note:
-                acc.print(note)
+                accelerator.print(note)
     return lock
 
 
-def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
+def _train(cfg: Config, resume: str, accelerator: Accelerator, run_dir: Path) -> Path:
     """`train` once the run directory is locked."""
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-    acc.wait_for_everyone()
-    acc.print(f"avpgan train {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC on {socket.gethostname()}, "
-              f"{acc.num_processes} process(es) on {acc.device.type}")
-    acc.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")
-    tracker = Tracker(cfg.tracking, run_dir, is_main=acc.is_main_process, run_id=_saved_run_id(run_dir))
+    accelerator.wait_for_everyone()
+    accelerator.print(f"avpgan train {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC on {socket.gethostname()}, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
+    accelerator.print(f"run directory: {run_dir.resolve()}  (this output is also appended to {run_dir / 'train.log'})")
+    tracker = Tracker(cfg.tracking, run_dir, is_main=accelerator.is_main_process, run_id=_saved_run_id(run_dir))
     tracker.start(config_mod.flatten(config_mod.to_dict(cfg)), config_mod.to_yaml(cfg),
-                  cfg.tracking.run_name or cfg.name, tags=run_tags(cfg, acc, run_dir) if tracker.active else None)
-    announce_tracking(acc, tracker)
-    attach_node_monitors(acc, tracker)
+                  cfg.tracking.run_name or cfg.name, tags=run_tags(cfg, accelerator, run_dir) if tracker.active else None)
+    announce_tracking(accelerator, tracker)
+    attach_node_monitors(accelerator, tracker)
     global_step = 0
     stopped_in = None  # the stage a stop signal (preemption, Ctrl-C) ended, after its checkpoint
     try:
@@ -154,66 +154,66 @@ def _train(cfg: Config, resume: str, acc: Accelerator, run_dir: Path) -> Path:
             done = run_dir / name / "model.safetensors"
             steps = cfg.train.stage(name).steps
             if done.exists():
-                acc.print(f"[{name}] already finished ({done}); skipping")
+                accelerator.print(f"[{name}] already finished ({done}); skipping")
                 global_step += steps
                 continue
-            outcome = run_stage(cfg, stage_cls, acc, tracker, run_dir, global_step, resume)
+            outcome = run_stage(cfg, stage_cls, accelerator, tracker, run_dir, global_step, resume)
             if outcome == "preempted":
                 stopped_in = name
                 break
             global_step += steps
     except (TrainingStopped, checkpoint.CheckpointError):  # stopped on purpose / no checkpoint to trust
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             write_failed_status(run_dir, name)
         tracker.finish(status="FAILED")
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: out now; the newest checkpoint is where a rerun resumes
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             write_status(run_dir, state="interrupted", stage=name)
         tracker.finish(status="KILLED", timeout_s=5)
         raise
     if stopped_in is not None:
         # Ctrl-C is the user's own stop: "interrupted", which the SLURM scripts do not requeue, and exit 130.
         interrupted = preempt.reason() == "SIGINT"
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             write_status(run_dir, state="interrupted" if interrupted else "preempted", stage=stopped_in)
         tracker.finish(status="KILLED")
-        shutdown(acc)
+        shutdown(accelerator)
         if interrupted:
             raise TrainingStopped(f"[{stopped_in}] interrupted (Ctrl-C); checkpoint saved in "
                                   f"{run_dir / stopped_in / 'checkpoints'}; run the same command to resume",
                                   exit_code=errors.EXIT_INTERRUPTED)
         return run_dir
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         log_bundle(run_dir, tracker, global_step)
         write_status(run_dir, state="finished", stage=cfg.train.stages[-1] if cfg.train.stages else "")
     tracker.finish()
     if tracker.model_uri:
-        acc.print(f"MLflow model: {tracker.model_uri}  (mlflow.pyfunc.load_model(...).predict(waveforms): docs/mlflow.md)")
-    shutdown(acc)
+        accelerator.print(f"MLflow model: {tracker.model_uri}  (mlflow.pyfunc.load_model(...).predict(waveforms): docs/mlflow.md)")
+    shutdown(accelerator)
     return run_dir
 
 
-def run_tags(cfg: Config, acc: Accelerator, run_dir: Path) -> dict[str, str]:
+def run_tags(cfg: Config, accelerator: Accelerator, run_dir: Path) -> dict[str, str]:
     """The MLflow run's tags: how to reproduce it, and a description the UI shows on the run page."""
-    device = acc.device.type
+    device = accelerator.device.type
     if device == "cuda":
-        device += f" ({torch.cuda.get_device_name(acc.device)})"
+        device += f" ({torch.cuda.get_device_name(accelerator.device)})"
     stages = " -> ".join(f"{s} ({cfg.train.stage(s).steps} steps)" for s in cfg.train.stages)
-    return {**reproducibility_tags(acc.num_processes, device, cfg.train.mixed_precision),
+    return {**reproducibility_tags(accelerator.num_processes, device, cfg.train.mixed_precision),
             "mlflow.note.content": f"avpgan, config `{cfg.name}`: {stages}; run directory `{run_dir.resolve()}`"}
 
 
-def announce_tracking(acc: Accelerator, tracker: Tracker) -> None:
+def announce_tracking(accelerator: Accelerator, tracker: Tracker) -> None:
     """Say where the run's MLflow record is and how to open it (rank 0)."""
-    if not acc.is_main_process:
+    if not accelerator.is_main_process:
         return
     if not tracker.cfg.enabled:
-        acc.print("MLflow: off (tracking.enabled=false)")
+        accelerator.print("MLflow: off (tracking.enabled=false)")
         return
     run = tracker.run_id or "not created yet (the store does not answer; logging is queued and retried)"
-    acc.print(f"MLflow: tracking URI {tracker.uri}, run {run}")
-    acc.print(f"MLflow UI: {ui_hint(tracker.uri, tracker.experiment_id, tracker.run_id)}")
+    accelerator.print(f"MLflow: tracking URI {tracker.uri}, run {run}")
+    accelerator.print(f"MLflow UI: {ui_hint(tracker.uri, tracker.experiment_id, tracker.run_id)}")
 
 
 def log_bundle(run_dir: Path, tracker: Tracker, step: int) -> None:
@@ -228,21 +228,21 @@ def log_bundle(run_dir: Path, tracker: Tracker, step: int) -> None:
     tracker.log_model(out, step)
 
 
-def shutdown(acc: Accelerator) -> None:
+def shutdown(accelerator: Accelerator) -> None:
     """Release the prepared models and the process group before the interpreter exits: a DDP model
     still referenced at exit sometimes aborts a gloo worker (exit -6) after a clean save."""
-    acc.wait_for_everyone()
-    acc.free_memory()
-    acc.end_training()
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
-def attach_node_monitors(acc: Accelerator, tracker: Tracker) -> None:
+def attach_node_monitors(accelerator: Accelerator, tracker: Tracker) -> None:
     """Other nodes' first process reports its node's system metrics into rank 0's MLflow run."""
-    if acc.num_processes == 1 or not tracker.cfg.enabled:
+    if accelerator.num_processes == 1 or not tracker.cfg.enabled:
         return
     box = [tracker.run_id]
     broadcast_object_list(box, from_process=0)
-    if box[0] and acc.is_local_main_process and not acc.is_main_process:
+    if box[0] and accelerator.is_local_main_process and not accelerator.is_main_process:
         tracker.attach_node_monitor(box[0], node_id=socket.gethostname())
 
 
@@ -251,7 +251,7 @@ def _saved_run_id(run_dir: Path) -> str | None:
     return f.read_text().strip() if f.exists() else None
 
 
-def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tracker, run_dir: Path,
+def run_stage(cfg: Config, stage_cls: type[Stage], accelerator: Accelerator, tracker: Tracker, run_dir: Path,
               global_offset: int, resume: str) -> str:
     """Train one stage to its configured number of steps; returns 'finished' or 'preempted'."""
     name = stage_cls.name
@@ -259,14 +259,14 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     stage_dir = run_dir / name
     ckpt_root = stage_dir / "checkpoints"
     seed_everything(_seed_for(cfg.train.seed, name, "init"))
-    stage = stage_cls(cfg, acc, run_dir)
+    stage = stage_cls(cfg, accelerator, run_dir)
     state = stage.state()
-    if acc.scaler is not None:  # fp16 on a GPU: the loss scale and its growth count go on where they were
-        state["scaler"] = acc.scaler
+    if accelerator.scaler is not None:  # fp16 on a GPU: the loss scale and its growth count go on where they were
+        state["scaler"] = accelerator.scaler
 
     step, saved, start = 0, None, None
     if resume == "auto":  # the newest checkpoint that verifies; each refused one is named in the log
-        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: acc.print(f"[{name}] {line}"),
+        found = checkpoint.load_newest(ckpt_root, state, say=lambda line: accelerator.print(f"[{name}] {line}"),
                                        optional=OPTIONAL_STATE)
         if found is not None:
             start, meta, rank_state = found
@@ -280,18 +280,18 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
     source = stage.batches(_seed_for(cfg.train.seed, name, "data"), step, saved)
     if start is not None:
         if saved is None:
-            acc.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {acc.num_processes}: "
+            accelerator.print(f"[{name}] checkpoint written by {meta.get('world_size')} ranks, now {accelerator.num_processes}: "
                       f"{source.position.on_new_world}")
-        acc.print(f"[{name}] resumed from {start} at step {step}")
-    fixed = stage.fixed_inputs() if acc.is_main_process else None
+        accelerator.print(f"[{name}] resumed from {start} at step {step}")
+    fixed = stage.fixed_inputs() if accelerator.is_main_process else None
 
     def save(at_step: int) -> None:
         try:
             checkpoint.save(
                 ckpt_root, at_step, state, keep_last=cfg.train.keep_last,
                 rank_state={"stream": source.position.state_dict()},  # after the last batch taken, stream or bank
-                meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * acc.num_processes,
-                      "world_size": acc.num_processes, "mlflow_run_id": tracker.run_id,
+                meta={"stage": name, "step": at_step, "samples_seen": at_step * scfg.batch_size * accelerator.num_processes,
+                      "world_size": accelerator.num_processes, "mlflow_run_id": tracker.run_id,
                       "config": config_mod.to_yaml(cfg)},
             )
         except checkpoint.CheckpointWriteError as e:  # every rank gets it
@@ -310,12 +310,12 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
                 "Lower the learning rate or use bf16/no mixed precision."
             )
 
-    progress = console.StageProgress(name, scfg.steps, step, show=acc.is_main_process)
+    progress = console.StageProgress(name, scfg.steps, step, show=accelerator.is_main_process)
     try:
         health = NonFiniteWatch(cfg.train.max_nonfinite, first_step=step + 1)
         window = MetricWindow()
         t_data, t_aside, t_window = 0.0, 0.0, time.perf_counter()
-        if acc.device.type == "cuda":
+        if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # Nothing in this loop reads a device value between log steps: metrics and finite flags stay
         # tensors until then, so the host queues step after step while the device works.
@@ -323,8 +323,8 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             t0 = time.perf_counter()
             batch = next(source)
             t_data += time.perf_counter() - t0
-            torch.manual_seed(_seed_for(cfg.train.seed, name, acc.process_index, step))
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            torch.manual_seed(_seed_for(cfg.train.seed, name, accelerator.process_index, step))
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             metrics, finite = stage.step(batch, step)
             step += 1
             progress.update(step)
@@ -333,22 +333,23 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
 
             if step % cfg.train.log_every == 0 or step == scfg.steps:
                 stop_unhealthy(step)
-                means = window.means(acc.device)  # the window's one read of the device (waits for its steps)
+                means = window.means(accelerator.device)  # the window's one read of the device (waits for its steps)
                 elapsed = time.perf_counter() - t_window - t_aside
-                local = torch.cat([means, torch.tensor([t_data, elapsed], device=acc.device, dtype=torch.float64)])
-                mean = acc.reduce(local, reduction="mean")
+                local = torch.cat([means, torch.tensor([t_data, elapsed], device=accelerator.device, dtype=torch.float64)])
+                mean = accelerator.reduce(local, reduction="mean")
                 # corrupt samples and broken tar members, all ranks
-                skipped = int(acc.reduce(torch.tensor([source.skipped], device=acc.device), reduction="sum")[0])
+                skipped = torch.tensor([source.skipped], device=accelerator.device)
+                skipped = int(accelerator.reduce(skipped, reduction="sum")[0])
                 keys = window.keys
                 logged = {f"{name}/{k}": float(mean[i]) for i, k in enumerate(keys)}
                 data_s, wall = (float(x) for x in mean[len(keys):])
                 logged.update({
                     f"{name}/time_data_ms": 1000 * data_s / len(window),
                     f"{name}/time_compute_ms": 1000 * (wall - data_s) / len(window),
-                    f"{name}/samples_per_s": len(window) * scfg.batch_size * acc.num_processes / max(wall, 1e-9),
+                    f"{name}/samples_per_s": len(window) * scfg.batch_size * accelerator.num_processes / max(wall, 1e-9),
                     f"{name}/nonfinite_skipped": health.total,
                     f"{name}/corrupt_samples": skipped,
-                    f"{name}/peak_mem_mb": _peak_memory_mb(acc),
+                    f"{name}/peak_mem_mb": _peak_memory_mb(accelerator),
                 })
                 tracker.log_metrics(logged, step=global_offset + step)
                 progress.say(f"[{name}] {progress.status(step)} " + " ".join(
@@ -371,7 +372,7 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
 
             if step == scfg.steps:
                 break
-            if stop_requested(acc, step):
+            if stop_requested(accelerator, step):
                 stop_unhealthy(step)
                 save(step)
                 why = "interrupted (Ctrl-C)" if preempt.reason() == "SIGINT" else "preempted"
@@ -383,9 +384,9 @@ def run_stage(cfg: Config, stage_cls: type[Stage], acc: Accelerator, tracker: Tr
             t_aside += time.perf_counter() - t_set_aside  # subtracted from the window's wall time at its log
 
         save(step)
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             stage.write_model(stage_dir / "model.safetensors")
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return "finished"
     finally:
         progress.close()
@@ -450,16 +451,16 @@ class NonFiniteWatch:
         return reached
 
 
-def stop_requested(acc: Accelerator, step: int, every: int = 10) -> bool:
+def stop_requested(accelerator: Accelerator, step: int, every: int = 10) -> bool:
     """Has any rank been asked to stop (preemption, Ctrl-C)? One process asks its own flag, which
     costs nothing. Several agree through an all-reduce whose result the host must read: on GPUs
     that read waits for the device, so they ask every `every` steps (a stop lands within that many
     steps, well inside the scheduler's warning); on CPU (gloo) every step."""
-    if acc.num_processes == 1:
+    if accelerator.num_processes == 1:
         return preempt.requested()
-    if acc.device.type == "cuda" and step % every:
+    if accelerator.device.type == "cuda" and step % every:
         return False
-    return preempt.should_stop(acc)
+    return preempt.should_stop(accelerator)
 
 
 def save_failed(e: checkpoint.CheckpointWriteError, ckpt_root: Path, stage: str) -> TrainingStopped:
@@ -471,8 +472,8 @@ def save_failed(e: checkpoint.CheckpointWriteError, ckpt_root: Path, stage: str)
                            "then run again to resume", exit_code=errors.EXIT_WRITE)
 
 
-def _peak_memory_mb(acc: Accelerator) -> float:
-    if acc.device.type == "cuda":
+def _peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
 

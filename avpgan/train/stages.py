@@ -110,8 +110,8 @@ class Stage:
     face128 = False
     crop_seconds: float | None = None  # None: data.crop_seconds
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.scfg = cfg.train.stage(self.name)
         self.phase: phases.Phase = phases.record  # regions of `step`; benchmarks time them
         manifest = load_manifest(Path(cfg.data.shards))
@@ -131,9 +131,9 @@ class Stage:
         as they were, and the loop counts the skip when it next reads the flags."""
         opt.zero_grad(set_to_none=True)
         with self.phase(phase):
-            self.acc.backward(loss)
+            self.accelerator.backward(loss)
         with self.phase("optimizer"):
-            if self.acc.mixed_precision == "fp16":
+            if self.accelerator.mixed_precision == "fp16":
                 opt.step()  # the grad scaler skips non-finite steps itself and lowers its scale (a host read)
                 return torch.tensor(not opt.step_was_skipped, device=loss.device)
             params = [p for g in opt.param_groups for p in g["params"]]
@@ -152,9 +152,9 @@ class Stage:
         """
         position = StreamPosition.from_state_dict(saved) if saved is not None else None
         return make_stream(
-            self.cfg.data, self.split, self.scfg.batch_size, rank=self.acc.process_index,
-            world_size=self.acc.num_processes, seed=seed, position=position, crop_seconds=self.crop_seconds,
-            face128=self.face128, pin_memory=self.acc.device.type == "cuda",
+            self.cfg.data, self.split, self.scfg.batch_size, rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes, seed=seed, position=position, crop_seconds=self.crop_seconds,
+            face128=self.face128, pin_memory=self.accelerator.device.type == "cuda",
         )
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -178,11 +178,11 @@ class Stage:
     def fixed_val_batch(self, n: int = 8) -> dict:
         """The same voices/faces every time: the first validation batch for seed 0, no flips."""
         batch = next(make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True))
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def sync_bn(self, module: nn.Module) -> nn.Module:
         """SyncBatchNorm on multi-GPU only: it raises on CPU."""
-        if self.acc.device.type == "cuda" and self.acc.num_processes > 1:
+        if self.accelerator.device.type == "cuda" and self.accelerator.num_processes > 1:
             return nn.SyncBatchNorm.convert_sync_batchnorm(module)
         return module
 
@@ -201,26 +201,26 @@ class VoiceClassifier(nn.Module):
 class VoiceStage(Stage):
     name = "voice"
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        super().__init__(cfg, acc, run_dir)
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        super().__init__(cfg, accelerator, run_dir)
         net = VoiceClassifier(models.build_voice_encoder(cfg.model.voice), models.SpeakerHead(cfg.model.voice.embed_dim, self.num_identities))
-        self.model, self.opt = acc.prepare(self.sync_bn(net), self.adam(net))
-        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
+        self.model, self.opt = accelerator.prepare(self.sync_bn(net), self.adam(net))
+        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(accelerator.device)
 
     def state(self) -> dict:
         return {"model": self.model, "opt": self.opt}
 
     def step(self, batch, step):
         self.model.train()
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             logits = self.model(self.logmel(batch["audio"]))
             loss = F.cross_entropy(logits.float(), batch["label"])
         ok = self.update(loss, self.opt)
-        acc = (logits.argmax(1) == batch["label"]).float().mean()
-        return {"loss": loss.detach(), "accuracy": acc}, ok
+        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
+        return {"loss": loss.detach(), "accuracy": accuracy}, ok
 
     def write_model(self, path: Path) -> None:
-        write_weights(self.acc.unwrap_model(self.model).encoder, path)
+        write_weights(self.accelerator.unwrap_model(self.model).encoder, path)
 
 
 class ArcFaceTrainer(nn.Module):
@@ -237,24 +237,24 @@ class ArcFaceTrainer(nn.Module):
 class EmbedderStage(Stage):
     name = "embedder"
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        super().__init__(cfg, acc, run_dir)
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        super().__init__(cfg, accelerator, run_dir)
         e = cfg.model.embedder
         net = ArcFaceTrainer(models.build_embedder(e), models.ArcMarginLoss(e.embed_dim, self.num_identities, s=e.scale, m=e.margin))
-        self.model, self.opt = acc.prepare(self.sync_bn(net), self.adam(net))
+        self.model, self.opt = accelerator.prepare(self.sync_bn(net), self.adam(net))
 
     def state(self) -> dict:
         return {"model": self.model, "opt": self.opt}
 
     def step(self, batch, step):
         self.model.train()
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             loss = self.model(batch["face"], batch["label"])
         ok = self.update(loss, self.opt)
         return {"loss": loss.detach()}, ok
 
     def write_model(self, path: Path) -> None:
-        write_weights(self.acc.unwrap_model(self.model).backbone, path)
+        write_weights(self.accelerator.unwrap_model(self.model).backbone, path)
 
 
 def load_voice_encoder(cfg: Config, run_dir: Path, device) -> nn.Module:
@@ -272,15 +272,15 @@ class GanStage(Stage):
 
     name = "gan"
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        super().__init__(cfg, acc, run_dir)
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        super().__init__(cfg, accelerator, run_dir)
         self.voice_weights = weights_path(cfg, run_dir, "voice")
-        self.encoder = load_voice_encoder(cfg, run_dir, acc.device)
+        self.encoder = load_voice_encoder(cfg, run_dir, accelerator.device)
         g = models.build_generator(cfg.model.generator)
         d = models.build_discriminator(cfg.model.discriminator, self.num_identities)
-        self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
-        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
-        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(acc.device)
+        self.ema = EMA(g, cfg.train.ema_decay).to(accelerator.device)
+        self.g, self.d, self.opt_g, self.opt_d = accelerator.prepare(g, d, self.adam(g), self.adam(d))
+        self.logmel = LogMel(cfg.features, cfg.data.sample_rate).to(accelerator.device)
         self._features = self._real_features = None  # Lite0 net and the val faces' features, made once
         self.train_bank: bank.Bank | None = None
 
@@ -290,13 +290,14 @@ class GanStage(Stage):
     def batches(self, seed, step, saved):
         if not self.cfg.data.bank.enabled:
             return super().batches(seed, step, saved)
-        acc = self.acc
-        paths = bank.prepare(self.cfg, self.run_dir, self.voice_weights, device=acc.device, rank=acc.process_index,
-                             world_size=acc.num_processes, barrier=acc.wait_for_everyone, log=acc.print)
-        self.train_bank = train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, acc.device)
+        accelerator = self.accelerator
+        paths = bank.prepare(self.cfg, self.run_dir, self.voice_weights, device=accelerator.device,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             barrier=accelerator.wait_for_everyone, log=accelerator.print)
+        self.train_bank = train = bank.load(self.cfg, "train", paths["train"], self.voice_weights, accelerator.device)
         position = bank.BankPosition.from_state_dict(saved) if saved is not None else bank.BankPosition(step)
-        return bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=acc.process_index,
-                                world_size=acc.num_processes, start_step=position.step)
+        return bank.BankSampler(train, self.scfg.batch_size, seed=seed, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes, start_step=position.step)
 
     def embed(self, batch: dict, noise_std: float) -> torch.Tensor:
         """The unit voice embedding G is fed: from the bank's stored one, or F_e on the batch's audio.
@@ -317,7 +318,7 @@ class GanStage(Stage):
         self.g.train()
         self.d.train()
         augment = self.scfg.augment  # real and generated faces alike, so D cannot tell them apart by it
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             with self.phase("G"):
                 fake = self.g(emb)
             with self.phase("D/C"):
@@ -326,15 +327,15 @@ class GanStage(Stage):
                 loss_d, parts_d = models.d_loss(logit[:n], logit[n:])
                 loss_c, parts_c = models.c_loss(id_logits[:n], label)
         ok_d = self.update(loss_d + loss_c, self.opt_d, "D/C")
-        d_plain = self.acc.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
+        d_plain = self.accelerator.unwrap_model(self.d)  # G's step needs no all-reduce of D's gradients
         with frozen(d_plain):  # nor D's weight gradients: only those reaching G through D's input
-            with self.phase("G"), self.acc.autocast():
+            with self.phase("G"), self.accelerator.autocast():
                 fake_logit, fake_ids = d_plain(models.diff_augment(fake, augment))
                 loss_g, parts_g = models.g_loss(fake_logit, fake_ids, label)
             ok_g = self.update(loss_g, self.opt_g, "G")
         with self.phase("optimizer"):
             d_plain.zero_grad(set_to_none=True)  # D's own gradients, done with: not held until the next step
-            self.ema.update(self.acc.unwrap_model(self.g), only_if=ok_g)  # the EMA follows G's finite updates only
+            self.ema.update(self.accelerator.unwrap_model(self.g), only_if=ok_g)  # the EMA follows G's finite updates only
         metrics = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **parts_d, **parts_c, **parts_g}
         return metrics, ok_d & ok_g
 
@@ -351,7 +352,7 @@ class GanStage(Stage):
         """
         if not self.cfg.data.bank.enabled:
             return self.fixed_val_batch()
-        val = bank.load(self.cfg, "val", bank.bank_file(self.run_dir, "val"), self.voice_weights, self.acc.device)
+        val = bank.load(self.cfg, "val", bank.bank_file(self.run_dir, "val"), self.voice_weights, self.accelerator.device)
         train = self.train_bank  # loaded by `batches`, which the loop calls first: one copy in memory
         fixed = {"val_embedding": val.embedding[:, 0], "val_face": val.faces(torch.arange(len(val), device=val.device))}
         for split, b in (("train", train), ("val", val)):
@@ -383,7 +384,7 @@ class GanStage(Stage):
         from avpgan.image_stats import FaceFeatures, feature_distances
 
         if self._features is None:
-            self._features = FaceFeatures(self.acc.device)
+            self._features = FaceFeatures(self.accelerator.device)
             self._real_features = self._features(fixed["val_face"])
         fake = torch.cat([self.ema(self.embed({"embedding": e}, 0.0)).clamp(-1, 1)
                           for e in fixed["val_embedding"].split(256)])
@@ -405,14 +406,14 @@ class PriorStage(Stage):
 
     name = "prior"
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        super().__init__(cfg, acc, run_dir)
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        super().__init__(cfg, accelerator, run_dir)
         r = cfg.model.restorer
         self.size, self.style_dim = r.out_size, r.style_dim
         self.face128 = r.out_size > 64
         g, d = models.build_prior(r), models.build_style_discriminator(r)
-        self.ema = EMA(g, cfg.train.ema_decay).to(acc.device)
-        self.g, self.d, self.opt_g, self.opt_d = acc.prepare(g, d, self.adam(g), self.adam(d))
+        self.ema = EMA(g, cfg.train.ema_decay).to(accelerator.device)
+        self.g, self.d, self.opt_g, self.opt_d = accelerator.prepare(g, d, self.adam(g), self.adam(d))
 
     def state(self) -> dict:
         return {"g": self.g, "d": self.d, "ema": self.ema, "opt_g": self.opt_g, "opt_d": self.opt_d}
@@ -421,7 +422,7 @@ class PriorStage(Stage):
         real = faces_at(batch, self.size)
         z = torch.randn(real.shape[0], self.style_dim, device=real.device)
         r = self.cfg.model.restorer
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             fake = self.g(z)
             loss_d = models.softplus_gan(self.d(real), real=True) + models.softplus_gan(self.d(fake.detach()), real=False)
         ok = self.update(loss_d, self.opt_d)
@@ -430,12 +431,12 @@ class PriorStage(Stage):
             loss_r1, parts = models.r1_loss(self.d, real, r.r1_weight, r.r1_every)
             ok &= self.update(loss_r1, self.opt_d)
             metrics.update(parts)
-        d_plain = self.acc.unwrap_model(self.d)
-        with self.acc.autocast():
+        d_plain = self.accelerator.unwrap_model(self.d)
+        with self.accelerator.autocast():
             loss_g = models.softplus_gan(d_plain(fake), real=True)
         ok &= self.update(loss_g, self.opt_g)
         d_plain.zero_grad(set_to_none=True)
-        self.ema.update(self.acc.unwrap_model(self.g))
+        self.ema.update(self.accelerator.unwrap_model(self.g))
         metrics["loss_g"] = loss_g.detach()
         return metrics, ok
 
@@ -444,7 +445,7 @@ class PriorStage(Stage):
 
     def fixed_inputs(self) -> dict | None:
         g = torch.Generator().manual_seed(0)
-        return {"z": torch.randn(8, self.style_dim, generator=g).to(self.acc.device)}
+        return {"z": torch.randn(8, self.style_dim, generator=g).to(self.accelerator.device)}
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
@@ -457,8 +458,8 @@ class RestoreStage(Stage):
 
     name = "restore"
 
-    def __init__(self, cfg: Config, acc: Accelerator, run_dir: Path):
-        super().__init__(cfg, acc, run_dir)
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
+        super().__init__(cfg, accelerator, run_dir)
         r = cfg.model.restorer
         self.size = r.out_size
         self.face128 = r.out_size > 64
@@ -472,11 +473,11 @@ class RestoreStage(Stage):
             r1_weight=r.r1_weight, r1_every=r.r1_every, local_weight=r.local_weight,
             feature_style_weight=r.feature_style_weight, identity_weight=r.identity_weight,
             pyramid_weight=r.pyramid_weight,
-        ).to(acc.device)
+        ).to(accelerator.device)
         # Global and component discriminators are separate DDP modules: the R1 step uses only the
         # global one, and DDP insists that a module's every parameter takes part in its backward.
         disc, comps = models.build_style_discriminator(r), models.build_components(r)
-        self.g, self.d, self.c, self.opt_g, self.opt_d = acc.prepare(
+        self.g, self.d, self.c, self.opt_g, self.opt_d = accelerator.prepare(
             restorer, disc, comps, self.adam(restorer), self.adam(disc, comps))
 
     def state(self) -> dict:
@@ -492,7 +493,7 @@ class RestoreStage(Stage):
         lq, target = self.pairs(batch, int(torch.randint(0, 2**31 - 1, (1,))))  # from the step's seed
         for m in (self.g, self.d, self.c):
             m.train()
-        with self.acc.autocast():
+        with self.accelerator.autocast():
             restored = self.g(lq)
             loss_d, parts_d = self.losses.discriminator(restored, target, self.d, self.c)
         ok = self.update(loss_d, self.opt_d)
@@ -501,8 +502,8 @@ class RestoreStage(Stage):
             loss_r1, parts = self.losses.r1(target, self.d)
             ok &= self.update(loss_r1, self.opt_d)
             metrics.update(parts)
-        disc, comps = self.acc.unwrap_model(self.d), self.acc.unwrap_model(self.c)  # no sync needed for G's step
-        with self.acc.autocast():
+        disc, comps = self.accelerator.unwrap_model(self.d), self.accelerator.unwrap_model(self.c)  # no sync needed for G's step
+        with self.accelerator.autocast():
             loss_g, parts_g = self.losses.generator(restored, target, disc, comps)
         ok &= self.update(loss_g, self.opt_g)
         disc.zero_grad(set_to_none=True)
@@ -511,7 +512,7 @@ class RestoreStage(Stage):
         return metrics, ok
 
     def write_model(self, path: Path) -> None:
-        write_weights(self.acc.unwrap_model(self.g), path)
+        write_weights(self.accelerator.unwrap_model(self.g), path)
 
     def fixed_inputs(self) -> dict | None:
         lq, target = self.pairs(self.fixed_val_batch(), seed=0)
@@ -519,7 +520,7 @@ class RestoreStage(Stage):
 
     @torch.no_grad()
     def sample_grid(self, fixed: dict) -> np.ndarray:
-        g = self.acc.unwrap_model(self.g).eval()
+        g = self.accelerator.unwrap_model(self.g).eval()
         restored = g(fixed["lq"]).clamp(-1, 1)
         lq_up = F.interpolate(fixed["lq"], size=restored.shape[-2:], mode="nearest")
         return make_grid([fixed["target"], lq_up, restored], nrow=restored.shape[0],
