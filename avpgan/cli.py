@@ -88,10 +88,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(args: argparse.Namespace) -> int:
-    from avpgan.data import shards
+    from avpgan.data import shards_build
 
     cfg = config_mod.load(args.config, args.overrides)
-    shards.build(
+    shards_build.build(
         voxceleb=Path(args.voxceleb),
         vggface=Path(args.vggface),
         meta=Path(args.meta),
@@ -104,9 +104,9 @@ def cmd_shards_build(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_check(args: argparse.Namespace) -> int:
-    from avpgan.data import shards
+    from avpgan.data import shards_check
 
-    return shards.check(Path(args.dir))
+    return shards_check.check(Path(args.dir))
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import soundfile as sf
 from PIL import Image
 
 from avpgan.config import DataConfig
-from avpgan.data import shards
+from avpgan.data import shards, shards_build
 
 SR = 16000
 
@@ -165,7 +165,7 @@ def bench_build(identities: int, utterances: int, seconds: float) -> None:
             out = tmp / f"out{len(outs)}"
             t0 = time.perf_counter()
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-                shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, DataConfig(), 32, workers)
+                shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, DataConfig(), 32, workers)
             dt = time.perf_counter() - t0
             print(f"  {label:28s} {dt:6.1f} s  {n / dt:7.1f} utterances/s  {n / dt / workers:7.1f} per worker")
             outs.append(out)

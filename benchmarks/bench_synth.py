@@ -53,9 +53,9 @@ def filter_speeds() -> None:
     n = 8 * synthvox.SAMPLE_RATE
     x = rng.standard_normal(n)
     times = np.linspace(0, 8, 40)
-    targets = np.stack([synthvox._VOWELS[rng.integers(10, size=40)][:, j] for j in range(3)]
+    targets = np.stack([synthvox.voice._VOWELS[rng.integers(10, size=40)][:, j] for j in range(3)]
                        + [np.full(40, 3500.0), np.full(40, 4500.0)])
-    bw = synthvox._BANDWIDTHS
+    bw = synthvox.voice._BANDWIDTHS
 
     def best(fn, reps=3):
         ts = []
@@ -65,7 +65,7 @@ def filter_speeds() -> None:
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
-    t_fft = best(lambda: synthvox._vocal_tract(x, times, targets, bw, ident.nasality))
+    t_fft = best(lambda: synthvox.voice._vocal_tract(x, times, targets, bw, ident.nasality))
     t_lf = best(lambda: vocal_tract_lfilter(x, times, targets, bw))
     t_utt = best(lambda: synthvox.synth_utterance(ident, np.random.default_rng(1), (8.0, 8.0)))
     print("1. vocal-tract filter, one 8 s utterance, one core")

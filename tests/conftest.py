@@ -24,11 +24,11 @@ def synthvox_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(synthvox_dir, tmp_path_factory) -> Path:
     """16 identities x 4 utterances, 4 samples per shard: enough shards for 2 ranks x 2 workers."""
-    from avpgan.data import shards
+    from avpgan.data import shards_build
 
     out = tmp_path_factory.mktemp("shards")
     cfg = config_mod.load(ROOT / "configs" / "tiny.yaml")
-    shards.build(
+    shards_build.build(
         voxceleb=synthvox_dir / "voxceleb1" / "wav", vggface=synthvox_dir / "vggface",
         meta=synthvox_dir / "vox1_meta.csv", out=out, data=cfg.data, samples_per_shard=4, workers=2,
     )

@@ -87,11 +87,11 @@ def test_installed_command_shows_a_built_in_config_by_name(venv, elsewhere):
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory) -> Path:
     """Shards of datagen's tree (two training identities): seconds to build, enough for a few voice steps."""
-    from avpgan.data import shards
+    from avpgan.data import shards_build
 
     tree = make_tree(tmp_path_factory.mktemp("raw"))
     out = tmp_path_factory.mktemp("shards")
-    shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, config_mod.load(ROOT / "configs" / "tiny.yaml").data,
+    shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, config_mod.load(ROOT / "configs" / "tiny.yaml").data,
                  samples_per_shard=2, workers=1)
     return out
 

@@ -20,7 +20,7 @@ import webdataset as wds
 
 from avpgan.audio import to_int16
 from avpgan.config import DataConfig
-from avpgan.data import layout, shards
+from avpgan.data import layout, shards, shards_build, shards_check
 from avpgan.data.layout import IngestError
 from avpgan.images import read_image, resize
 
@@ -38,7 +38,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    manifest = shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, DataConfig(), SPS, workers=1)
+    manifest = shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], out, DataConfig(), SPS, workers=1)
     return out, manifest
 
 
@@ -136,7 +136,7 @@ def test_decode_sample_names_missing_or_short_member(built):
 
 def test_byte_identical_across_runs_and_worker_counts(built, tree, tmp_path):
     out, m = built
-    m2 = shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(), SPS, workers=2)
+    m2 = shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(), SPS, workers=2)
     assert tar_files(tmp_path) == tar_files(out) and len(tar_files(out)) == 11
     assert m2 == m
 
@@ -150,7 +150,7 @@ def test_resume_rewrites_only_what_is_missing(built, tree, tmp_path):
     (tmp_path / "train-000042.tar").write_bytes(b"from an older, bigger plan")
     keep = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
     time.sleep(0.01)
-    m2 = shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(), SPS, workers=1)
+    m2 = shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(), SPS, workers=1)
     assert m2 == m and tar_files(tmp_path) == tar_files(out)
     assert not list(tmp_path.glob(".*.partial"))
     rewritten = {n for n, t in keep.items() if n in tar_files(tmp_path) and (tmp_path / n).stat().st_mtime_ns != t}
@@ -162,7 +162,7 @@ def test_changed_settings_rewrite_every_shard(built, tree, tmp_path):
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")}
     time.sleep(0.01)
-    m = shards.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(min_seconds=1.9), SPS, workers=1)
+    m = shards_build.build(tree["voxceleb"], tree["vggface"], tree["meta"], tmp_path, DataConfig(min_seconds=1.9), SPS, workers=1)
     assert all((tmp_path / n).stat().st_mtime_ns != t for n, t in before.items())
     assert m["audio"]["min_seconds"] == 1.9 and m["counts"]["skipped"]["too short after silence removal"] > 1
     durations = [shards.decode_sample(r)["meta"]["duration"] for s in m["splits"].values() for f in s["shards"]
@@ -208,7 +208,7 @@ def test_bad_meta_is_a_one_line_error_naming_the_file(tree, tmp_path, text, prob
     if text is not None:
         meta.write_text(text)
     with pytest.raises(IngestError) as e:
-        shards.build(tree["voxceleb"], tree["vggface"], meta, tmp_path / "out", DataConfig(), SPS, workers=1)
+        shards_build.build(tree["voxceleb"], tree["vggface"], meta, tmp_path / "out", DataConfig(), SPS, workers=1)
     msg = str(e.value)
     assert msg.startswith(f"{meta}: ") and problem in msg and "\n" not in msg
     assert isinstance(e.value, ValueError) and not (tmp_path / "out").exists()
@@ -219,7 +219,7 @@ def test_bad_meta_is_a_one_line_error_naming_the_file(tree, tmp_path, text, prob
 
 def test_check_passes_on_good_shards(built, capsys):
     out, _ = built
-    assert shards.check(out) == 0
+    assert shards_check.check(out) == 0
     printed = capsys.readouterr().out
     assert "ok: 13 samples decoded and verified" in printed
     assert any(line.split()[:4] == ["train", "5", "2", "6"] for line in printed.splitlines())
@@ -244,7 +244,7 @@ def test_check_names_shard_and_member_of_a_flipped_byte(built, tmp_path, capsys,
     data = bytearray(shard.read_bytes())
     data[at] ^= 0x5A
     shard.write_bytes(bytes(data))
-    assert shards.check(d) == 1
+    assert shards_check.check(d) == 1
     err = capsys.readouterr().err
     if part == "json":
         assert f"{shard}: {js.name}: not the expected JSON" in err
@@ -261,7 +261,7 @@ def test_check_fails_on_truncated_missing_and_miscounted_shards(built, tmp_path,
     full = next(s for s in m["splits"]["train"]["shards"] if s["samples"] == 2)
     full["samples"] += 1
     (d / "manifest.json").write_text(json.dumps(m))
-    assert shards.check(d) == 1
+    assert shards_check.check(d) == 1
     err = capsys.readouterr().err
     assert f"{t}: val-" in err and "tar unreadable here" in err
     assert f"{d / 'test-000001.tar'}: shard missing" in err
@@ -296,21 +296,27 @@ def test_read_shards_skips_what_breaks_and_reports_it(built, tmp_path):
 
 
 def test_one_tar_reader():
-    """docs/architecture.md: shard tars are read by data/shards.py alone (read_shards)."""
+    """docs/architecture.md: shard tars are read by data/shards.py alone (read_shards) and written
+    by data/shards_build.py alone (a tarfile.open in a "w" mode)."""
     import ast
 
     import avpgan
 
     package = Path(avpgan.__file__).parent
-    readers = set()
+    readers, writers = set(), set()
     for f in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(f.read_text())):
+        tree = ast.parse(f.read_text())
+        writing = {id(node.func) for node in ast.walk(tree)
+                   if isinstance(node, ast.Call) and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+                   and str(node.args[1].value).startswith("w")}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in ("tarfile_to_samples", "tariterators", "open") \
                     and isinstance(node.value, ast.Name) and node.value.id in ("wds", "tarfile", "webdataset"):
-                readers.add(f.relative_to(package).as_posix())
+                (writers if id(node) in writing else readers).add(f.relative_to(package).as_posix())
     assert readers == {"data/shards.py"}
+    assert writers == {"data/shards_build.py"}
 
 
 def test_check_without_manifest(tmp_path, capsys):
-    assert shards.check(tmp_path) == 2
+    assert shards_check.check(tmp_path) == 2
     assert f"{tmp_path / 'manifest.json'}: manifest not found" in capsys.readouterr().err

@@ -149,7 +149,7 @@ def test_fft_vocal_tract_matches_scipy_lfilter_for_fixed_formants():
     x = np.random.default_rng(0).standard_normal(3 * 16000)
     formants = np.array([500.0, 1500.0, 2500.0, 3500.0, 4500.0])
     bw = np.array([60.0, 90.0, 120.0, 160.0, 220.0])
-    y = synthvox._vocal_tract(x, np.array([0.0, 3.0]), np.stack([formants, formants], 1), bw, nasality=0.0)
+    y = synthvox.voice._vocal_tract(x, np.array([0.0, 3.0]), np.stack([formants, formants], 1), bw, nasality=0.0)
     ref = x
     for f, b in zip(formants, bw):
         r = np.exp(-np.pi * b / 16000)
