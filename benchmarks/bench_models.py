@@ -83,7 +83,7 @@ def _restoration_entries(cfg: config_mod.Config) -> list[Entry]:
     except (ImportError, AttributeError) as err:
         print(f"(face embedder left out: {err})")
     try:
-        from avpgan.models import restore
+        from avpgan.models import face_prior, restore
 
         rows += [
             Entry(
@@ -93,12 +93,12 @@ def _restoration_entries(cfg: config_mod.Config) -> list[Entry]:
             ),
             Entry(
                 f"StyleGAN2 prior ({r.out_size} px)",
-                lambda: restore.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim),
+                lambda: face_prior.StyleGAN2Prior(r.out_size, r.prior_channels, r.style_dim),
                 lambda b: (torch.randn(b, r.style_dim),),
             ),
             Entry(
                 f"restoration D ({r.out_size} px)",
-                lambda: restore.StyleDiscriminator(r.out_size, r.prior_channels),
+                lambda: face_prior.StyleDiscriminator(r.out_size, r.prior_channels),
                 lambda b: (torch.rand(b, 3, r.out_size, r.out_size) * 2 - 1,),
             ),
         ]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avpgan.models import arcface, perceptual as perc, restore
+from avpgan.models import arcface, face_prior, perceptual as perc, restore, restore_losses
 from avpgan.models.arcface import ArcMarginLoss, iresnet18, iresnet50, iresnet100
 
 deg = importlib.import_module("avpgan.models.degrade")  # the package exports the function `degrade` under that name
@@ -274,7 +274,7 @@ def test_cs_sft_modulates_only_half_the_channels():
 
 def test_freeze_prior_and_load_prior():
     torch.manual_seed(0)
-    trained = restore.StyleGAN2Prior(out_size=64, channels=16, style_dim=32, n_mlp=2)
+    trained = face_prior.StyleGAN2Prior(out_size=64, channels=16, style_dim=32, n_mlp=2)
     r = restore.Restorer(out_size=64, freeze_prior=True, **TINY)
     r.load_prior(trained.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(r.prior.state_dict().values(), trained.state_dict().values()))
@@ -299,8 +299,8 @@ def test_freeze_prior_and_load_prior():
 
 def test_prior_trains_standalone():
     torch.manual_seed(0)
-    g = restore.StyleGAN2Prior(out_size=16, channels=8, style_dim=16, n_mlp=2)
-    d = restore.StyleDiscriminator(size=16, channels=8)
+    g = face_prior.StyleGAN2Prior(out_size=16, channels=8, style_dim=16, n_mlp=2)
+    d = face_prior.StyleDiscriminator(size=16, channels=8)
     real = _faces(8, 16)
     z = torch.randn(8, 16)
     assert g(z).shape == (8, 3, 16, 16) and d(real).shape == (8,)
@@ -310,7 +310,7 @@ def test_prior_trains_standalone():
     opt_g = torch.optim.Adam(g.parameters(), lr=2e-3, betas=(0.0, 0.99))
     g_losses = []
     for _ in range(8):
-        loss = restore.softplus_gan(d(g(z)), real=True)
+        loss = restore_losses.softplus_gan(d(g(z)), real=True)
         opt_g.zero_grad()
         loss.backward()
         opt_g.step()
@@ -324,9 +324,9 @@ def test_prior_trains_standalone():
         fake = g(z)
     d_losses = []
     for step in range(8):
-        loss = restore.softplus_gan(d(real), real=True) + restore.softplus_gan(d(fake), real=False)
+        loss = restore_losses.softplus_gan(d(real), real=True) + restore_losses.softplus_gan(d(fake), real=False)
         if step % 4 == 0:
-            loss = loss + restore.r1_loss(d, real, weight=10.0, every=4)[0]
+            loss = loss + restore_losses.r1_loss(d, real, weight=10.0, every=4)[0]
         opt_d.zero_grad()
         loss.backward()
         opt_d.step()
@@ -339,8 +339,8 @@ def test_prior_trains_standalone():
 
 
 def test_softplus_r1_gram_hand_computed():
-    assert restore.softplus_gan(torch.zeros(4), real=True).item() == pytest.approx(math.log(2))
-    assert restore.softplus_gan(torch.tensor([2.0]), real=False).item() == pytest.approx(math.log1p(math.exp(2.0)))
+    assert restore_losses.softplus_gan(torch.zeros(4), real=True).item() == pytest.approx(math.log(2))
+    assert restore_losses.softplus_gan(torch.tensor([2.0]), real=False).item() == pytest.approx(math.log1p(math.exp(2.0)))
 
     class Linear(torch.nn.Module):  # D(x) = <w, x>: dD/dx = w, so the penalty is ||w||^2
         def __init__(self):
@@ -352,28 +352,28 @@ def test_softplus_r1_gram_hand_computed():
 
     d = Linear()
     x = torch.randn(5, 3, 2, 2, requires_grad=True)
-    assert restore.r1_penalty(d(x), x).item() == pytest.approx((d.w ** 2).sum().item(), rel=1e-6)
-    loss, parts = restore.r1_loss(d, torch.randn(5, 3, 2, 2), weight=10.0, every=16)
+    assert restore_losses.r1_penalty(d(x), x).item() == pytest.approx((d.w ** 2).sum().item(), rel=1e-6)
+    loss, parts = restore_losses.r1_loss(d, torch.randn(5, 3, 2, 2), weight=10.0, every=16)
     assert loss.item() == pytest.approx(10.0 / 2 * (d.w ** 2).sum().item() * 16, rel=1e-6)
     loss.backward()
     assert d.w.grad is not None  # the double backward reaches D's weights
 
     f = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # [1, C=2, H=1, W=2]
     # F F^T = [[1+4, 3+8], [3+8, 9+16]] / (C H W = 4)
-    assert torch.allclose(restore.gram_matrix(f), torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4)
+    assert torch.allclose(restore_losses.gram_matrix(f), torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4)
 
 
 def test_regions_scale_with_image_size():
-    a = restore.crop_regions(torch.zeros(1, 3, 64, 64))
-    b = restore.crop_regions(torch.zeros(1, 3, 128, 128))
+    a = restore_losses.crop_regions(torch.zeros(1, 3, 64, 64))
+    b = restore_losses.crop_regions(torch.zeros(1, 3, 128, 128))
     assert set(a) == {"left_eye", "right_eye", "mouth"}
     for name in a:
         ha, wa = a[name].shape[-2:]
         hb, wb = b[name].shape[-2:]
         assert ha >= 8 and wa >= 8 and abs(hb - 2 * ha) <= 1 and abs(wb - 2 * wa) <= 1
-    assert restore.region_box(restore.REGIONS["mouth"], 128, 128) == (72, 105, 38, 90)
+    assert restore_losses.region_box(restore_losses.REGIONS["mouth"], 128, 128) == (72, 105, 38, 90)
     with pytest.raises(ValueError, match="need >= 8x8"):
-        restore.crop_regions(torch.zeros(1, 3, 16, 16))
+        restore_losses.crop_regions(torch.zeros(1, 3, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -424,13 +424,13 @@ def test_perceptual_vgg19_file(tmp_path):
         perc.PerceptualNet(weights=str(tmp_path / "bad.pth"))
 
 
-def _losses(lite0, **kw) -> restore.RestoreLosses:
+def _losses(lite0, **kw) -> restore_losses.RestoreLosses:
     torch.manual_seed(0)
     emb = iresnet18(width=8, embed_dim=64, input_size=64)
     with torch.no_grad():  # non-trivial BatchNorm statistics for the frozen embedder
         emb.train()
         emb(_faces(8, 64, seed=3))
-    return restore.RestoreLosses(lite0, emb, **kw)
+    return restore_losses.RestoreLosses(lite0, emb, **kw)
 
 
 def test_loss_components_small_cases(lite0):
@@ -443,8 +443,8 @@ def test_loss_components_small_cases(lite0):
     _, same = losses.generator(target.clone(), target)
     assert same["l1"].item() == 0 and same["perceptual"].item() == 0 and same["identity"].item() == 0
 
-    disc = restore.StyleDiscriminator(64, 8)
-    comps = restore.FacialComponents(channels=8)
+    disc = face_prior.StyleDiscriminator(64, 8)
+    comps = restore_losses.FacialComponents(channels=8)
     total, parts = losses.generator(restored, target, disc, comps)
     assert set(parts) == {"l1", "perceptual", "adv", "local", "feature_style", "identity"}
     assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-5)
@@ -463,8 +463,8 @@ def test_restoration_loss_decreases(lite0):
     torch.manual_seed(0)
     losses = _losses(lite0)
     model = restore.Restorer(out_size=64, **TINY)
-    disc = restore.StyleDiscriminator(64, 8).requires_grad_(False)
-    comps = restore.FacialComponents(channels=8).requires_grad_(False)
+    disc = face_prior.StyleDiscriminator(64, 8).requires_grad_(False)
+    comps = restore_losses.FacialComponents(channels=8).requires_grad_(False)
     target = _faces(4, 64, seed=5)
     lq, target = deg.degrade(target, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99))

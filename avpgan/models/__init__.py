@@ -23,12 +23,14 @@ from avpgan.models.face_gan import FaceDiscriminator, Generator
 from avpgan.models.losses import c_loss, d_loss, g_loss
 from avpgan.models.voice import SpeakerHead, VoiceEncoder, voice_embedding
 
-# Face embedder (arcface.py), restoration model and its losses (restore.py), training pairs
-# (degrade.py) and the perceptual features (perceptual.py); docs/models.md explains the choices.
+# Face embedder (arcface.py), restoration model (restore.py) with its face GAN prior
+# (face_prior.py) and its losses (restore_losses.py), training pairs (degrade.py) and the
+# perceptual features (perceptual.py); docs/models.md explains the choices.
 from avpgan.models.arcface import IResNet, ArcMarginLoss, iresnet18, iresnet34, iresnet50, iresnet100
 from avpgan.models.degrade import DegradeParams, degrade
 from avpgan.models.perceptual import PerceptualError, PerceptualNet
-from avpgan.models.restore import (
-    FacialComponents, RestoreLosses, Restorer, StyleDiscriminator, StyleGAN2Prior, gram_matrix, r1_loss, r1_penalty,
-    softplus_gan,
+from avpgan.models.face_prior import StyleDiscriminator, StyleGAN2Prior
+from avpgan.models.restore import Restorer
+from avpgan.models.restore_losses import (
+    FacialComponents, RestoreLosses, gram_matrix, r1_loss, r1_penalty, softplus_gan,
 )

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 from avpgan.models import arcface
 from avpgan.models.face_gan import FaceDiscriminator, Generator
-from avpgan.models.restore import FacialComponents, Restorer, StyleDiscriminator, StyleGAN2Prior
+from avpgan.models.face_prior import StyleDiscriminator, StyleGAN2Prior
+from avpgan.models.restore import Restorer
+from avpgan.models.restore_losses import FacialComponents
 from avpgan.models.voice import VoiceEncoder
 
 if TYPE_CHECKING:  # type hints only: models/ must import without the config module
