@@ -207,7 +207,7 @@ def test_restore_pairs_are_made_on_the_batch_device():
     from avpgan.train.stages import RestoreStage
 
     faces = _faces(3, 128)
-    batch = {"face": F.interpolate(faces, size=(64, 64), mode="area"), "face128": faces}
+    batch = {"face": F.interpolate(faces, size=(64, 64), mode="area"), "restore_face": faces}
     lq, target = RestoreStage.pairs(SimpleNamespace(size=128), batch, seed=7)
     before_lq, before_target = deg.degrade(faces.cpu(), torch.Generator().manual_seed(7), out_size=64)
     assert lq.device == target.device == faces.device

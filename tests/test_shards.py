@@ -99,8 +99,8 @@ def test_sample_contents(built, tree):
     for split in shards.SPLITS:
         for s in m["splits"][split]["shards"]:
             for raw in samples(out, s["file"]):
-                d = shards.decode_sample(raw, face128=True)
-                assert d["audio"].dtype == np.int16 and d["face"].shape == (64, 64, 3) and d["face128"].shape == (128, 128, 3)
+                d = shards.decode_sample(raw, restore_face=True)
+                assert d["audio"].dtype == np.int16 and d["face"].shape == (64, 64, 3) and d["restore_face"].shape == (128, 128, 3)
                 assert d["meta"]["split"] == split and d["meta"]["label"] == m["splits"][split]["labels"][d["meta"]["name"]]
                 assert d["audio"].size == d["meta"]["samples"] and d["audio"].size >= 16000  # min_seconds
                 by_audio[d["meta"]["audio_path"]] = d
@@ -126,7 +126,7 @@ def test_decode_sample_names_missing_or_short_member(built):
     out, m = built
     raw = samples(out, m["splits"]["val"]["shards"][0]["file"])[0]
     assert set(raw) == {"__key__", "__url__", "json", "bin"}
-    assert "face128" not in shards.decode_sample(raw) and shards.decode_sample(raw, face128=True)["face128"].shape == (128, 128, 3)
+    assert "restore_face" not in shards.decode_sample(raw) and shards.decode_sample(raw, restore_face=True)["restore_face"].shape == (128, 128, 3)
     with pytest.raises(shards.CorruptSample, match=r"val-000000\.tar: val-\d+\.bin: \d+ bytes, the json's layout needs"):
         shards.decode_sample(dict(raw, bin=raw["bin"][:-1]))
     del raw["bin"]

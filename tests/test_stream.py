@@ -27,13 +27,13 @@ def same(a, b):
 
 def test_batch_format(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path)
-    stream = make_stream(cfg.data, "train", 4, workers=0, face128=True)
+    stream = make_stream(cfg.data, "train", 4, workers=0, restore_face=True)
     b = next(stream)
-    assert set(b) == {"audio", "face", "label", "face128"}  # tensors only; bookkeeping is in stream.origin
+    assert set(b) == {"audio", "face", "label", "restore_face"}  # tensors only; bookkeeping is in stream.origin
     assert len(stream.origin.keys) == 4 and stream.origin.worker == 0 and stream.skipped == 0
     assert b["audio"].dtype == torch.int16 and b["audio"].shape == (4, int(cfg.data.crop_seconds * 16000))
     assert b["face"].shape == (4, 3, 64, 64) and b["face"].dtype == torch.float32
-    assert b["face128"].shape == (4, 3, 128, 128)
+    assert b["restore_face"].shape == (4, 3, 128, 128)
     assert -1.0 <= float(b["face"].min()) and float(b["face"].max()) <= 1.0
     assert b["label"].dtype == torch.int64
     n_train = len(load_manifest(tiny_shards)["splits"]["train"]["identities"])

@@ -8,7 +8,8 @@ One sample = one utterance + one face of the same identity:
     <key>.json  identity, label, source paths, duration, the layout of <key>.bin, crc32 per part
     <key>.bin   raw parts back to back: the utterance after silence removal (16 kHz mono int16,
                 little-endian) | the face (face_size^2 x 3 uint8 RGB, the GAN's 64 px) |
-                face128 (restore_size^2 x 3 uint8 RGB, the restoration model's 128 px)
+                face128 (restore_size^2 x 3 uint8 RGB, the restoration model's 128 px; the
+                `restore_face` of a decoded sample)
 
 Raw because the GPU step eats 20-40k samples/s: np.frombuffer costs nothing while WAV, FLAC, PNG
 and JPEG decoding cost 50-1500 us per part; one binary member rather than one per part because
@@ -45,10 +46,12 @@ class CorruptSample(ValueError):
 # ----------------------------------------------------------------------------------------------
 # The sample codec.
 
-PARTS = ("audio", "face", "face128")  # the order of the parts inside <key>.bin
+# The order of the parts inside <key>.bin, and their names in the json's crc32 (so also in every
+# shard written so far: keep them). Decoded, the third part is the sample's "restore_face".
+PARTS = ("audio", "face", "face128")
 
 
-def encode_sample(key: str, meta: dict, audio: np.ndarray, face: np.ndarray, face128: np.ndarray) -> list[tuple[str, bytes]]:
+def encode_sample(key: str, meta: dict, audio: np.ndarray, face: np.ndarray, restore_face: np.ndarray) -> list[tuple[str, bytes]]:
     """(member name, bytes) in tar order: <key>.json, then <key>.bin = audio | face | face128.
 
     The json records the layout (samples, face sizes) and each part's crc32, so `check` can
@@ -57,15 +60,15 @@ def encode_sample(key: str, meta: dict, audio: np.ndarray, face: np.ndarray, fac
     parts = [
         np.ascontiguousarray(audio, dtype="<i2").tobytes(),
         np.ascontiguousarray(face, dtype=np.uint8).tobytes(),
-        np.ascontiguousarray(face128, dtype=np.uint8).tobytes(),
+        np.ascontiguousarray(restore_face, dtype=np.uint8).tobytes(),
     ]
-    meta = dict(meta, samples=int(len(audio)), face_size=int(face.shape[0]), restore_size=int(face128.shape[0]),
+    meta = dict(meta, samples=int(len(audio)), face_size=int(face.shape[0]), restore_size=int(restore_face.shape[0]),
                 crc32={name: zlib.crc32(b) for name, b in zip(PARTS, parts)})
     return [(f"{key}.{META}", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()), (f"{key}.{DATA}", b"".join(parts))]
 
 
-def decode_sample(raw: dict, face128: bool = False, verify: bool = False) -> dict:
-    """One raw tar sample -> {"key", "audio" int16[S], "face" uint8[H,W,3], ["face128"], "meta"}.
+def decode_sample(raw: dict, restore_face: bool = False, verify: bool = False) -> dict:
+    """One raw tar sample -> {"key", "audio" int16[S], "face" uint8[H,W,3], ["restore_face"], "meta"}.
 
     Arrays are read-only views into the member's bytes (no copy: this runs per sample at
     training rate). `verify` also checks each part's crc32 (what `shards check` does).
@@ -99,8 +102,8 @@ def decode_sample(raw: dict, face128: bool = False, verify: bool = False) -> dic
         "face": np.frombuffer(blob, dtype=np.uint8, count=fs * fs * 3, offset=ends[0]).reshape(fs, fs, 3),
         "meta": meta,
     }
-    if face128:
-        out["face128"] = np.frombuffer(blob, dtype=np.uint8, count=rs * rs * 3, offset=ends[1]).reshape(rs, rs, 3)
+    if restore_face:
+        out["restore_face"] = np.frombuffer(blob, dtype=np.uint8, count=rs * rs * 3, offset=ends[1]).reshape(rs, rs, 3)
     return out
 
 
@@ -131,13 +134,13 @@ def read_shards(urls: Iterable[str | Path], on_error: Callable[[str], None]) -> 
             on_error(f"{url}: {last[0] or 'first member'}: tar unreadable here ({e})")
 
 
-def decoded_samples(urls: Iterable[str | Path], on_error: Callable[[str], None], *, face128: bool = False,
+def decoded_samples(urls: Iterable[str | Path], on_error: Callable[[str], None], *, restore_face: bool = False,
                     verify: bool = False) -> Iterator[dict]:
     """`read_shards`, decoded (`decode_sample`); a sample that does not decode is skipped and
     reported through `on_error` too, so every sample left out is counted once."""
     for raw in read_shards(urls, on_error):
         try:
-            yield decode_sample(raw, face128=face128, verify=verify)
+            yield decode_sample(raw, restore_face=restore_face, verify=verify)
         except CorruptSample as e:
             on_error(str(e))
 

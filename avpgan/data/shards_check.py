@@ -36,7 +36,7 @@ def check(dir: Path) -> int:
                 errors.append(f"{path}: shard missing")
                 continue
             n, before = 0, len(errors)
-            for s in decoded_samples([path], errors.append, face128=True, verify=True):
+            for s in decoded_samples([path], errors.append, restore_face=True, verify=True):
                 m, where = s["meta"], f"{path}: {s['key']}"
                 if m.get("split") != split or info["labels"].get(m.get("name")) != m.get("label"):
                     errors.append(f"{where}.{META}: identity {m.get('name')!r} / label {m.get('label')} / split "

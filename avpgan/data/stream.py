@@ -140,7 +140,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         crop_seconds: float | None = None,
-        face128: bool = False,
+        restore_face: bool = False,
         flip: bool = True,
         workers: int | None = None,
         position: StreamPosition | None = None,
@@ -155,7 +155,7 @@ class ShardStream(IterableDataset):
         self.num_identities = len(info["identities"])
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.face128, self.flip = face128, flip
+        self.restore_face, self.flip = restore_face, flip
         self.shuffle_buffer = data.shuffle_buffer
         self.crop_samples = int(round((crop_seconds or data.crop_seconds) * data.sample_rate))
         self.workers = data.workers if workers is None else workers
@@ -200,20 +200,20 @@ class ShardStream(IterableDataset):
 
     def _prepare(self, raw: dict, epoch: int, index: int, stream_id: int) -> dict | None:
         try:
-            s = decode_sample(raw, face128=self.face128)
+            s = decode_sample(raw, restore_face=self.restore_face)
         except CorruptSample as e:
             self.corrupt += 1
             self.last_error = str(e)
             return None
         rng = seeding.rng(self.seed, epoch, stream_id, index)
         audio = crop_or_tile(s["audio"], self.crop_samples, rng)
-        face, face128 = s["face"], s.get("face128")
+        face, restore_face = s["face"], s.get("restore_face")
         if self.flip and rng.random() < 0.5:
             face = face[:, ::-1]
-            face128 = face128[:, ::-1] if face128 is not None else None
+            restore_face = restore_face[:, ::-1] if restore_face is not None else None
         out = {"audio": audio, "face": face, "label": int(s["meta"]["label"]), "key": s["key"]}
-        if self.face128:
-            out["face128"] = face128
+        if self.restore_face:
+            out["restore_face"] = restore_face
         return out
 
     @staticmethod
@@ -231,8 +231,8 @@ class ShardStream(IterableDataset):
             "face": self._faces([it["face"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         }
-        if self.face128:
-            batch["face128"] = self._faces([it["face128"] for it in items])
+        if self.restore_face:
+            batch["restore_face"] = self._faces([it["restore_face"] for it in items])
         return batch
 
     # -- one logical worker -----------------------------------------------------------------
@@ -353,18 +353,18 @@ def make_stream(
     seed: int = 0,
     position: StreamPosition | None = None,
     crop_seconds: float | None = None,
-    face128: bool = False,
+    restore_face: bool = False,
     flip: bool = True,
     workers: int | None = None,
     pin_memory: bool = False,
 ) -> Batches:
     """This rank's infinite batches: `audio` int16 [B, S], `face` float32 [B, 3, 64, 64] in
-    [-1, 1], `label` int64 [B] (identity index within the split), optionally `face128`; the
+    [-1, 1], `label` int64 [B] (identity index within the split), optionally `restore_face`; the
     returned `Batches` also keeps the position a checkpoint saves (`position`).
     """
     ds = ShardStream(
         data, split, batch_size, rank=rank, world_size=world_size, seed=seed, crop_seconds=crop_seconds,
-        face128=face128, flip=flip, workers=workers, position=position,
+        restore_face=restore_face, flip=flip, workers=workers, position=position,
     )
     if ds.workers == 0:
         return Batches(iter(ds), ds.position)

@@ -137,7 +137,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         face_id = s["meta"].get("face_path", s["key"])
         if face_id not in seen_faces:
             seen_faces.add(face_id)
-            store.add_face(name, s["face128"])
+            store.add_face(name, s["restore_face"])
     store.finish()
     records = store.records()
 
@@ -153,7 +153,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         name, face_id = s["meta"]["name"], s["meta"].get("face_path", s["key"])
         if face_id not in per_id[name] and len(per_id[name]) < probe_faces_per_identity:
             per_id[name].add(face_id)
-            train_acc.add_face(name, s["face128"])
+            train_acc.add_face(name, s["restore_face"])
     train_acc.finish()
     train_records = train_acc.records()
 

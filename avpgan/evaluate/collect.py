@@ -32,7 +32,7 @@ def split_samples(shards: Path, manifest: dict, split: str, keep: Callable[[str]
     with tqdm(total=manifest["splits"][split]["samples"], desc=progress, unit="sample",
               disable=True if progress is None else None,
               leave=False) as bar:
-        for s in decoded_samples(urls, errors.append, face128=True):
+        for s in decoded_samples(urls, errors.append, restore_face=True):
             bar.update()
             if keep(s["meta"]["name"]):
                 yield s

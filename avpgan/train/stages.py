@@ -107,7 +107,7 @@ def frozen(module: nn.Module) -> Iterator[None]:
 class Stage:
     name = ""
     split = "train"
-    face128 = False
+    restore_face = False
     crop_seconds: float | None = None  # None: data.crop_seconds
 
     def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path):
@@ -154,7 +154,7 @@ class Stage:
         return make_stream(
             self.cfg.data, self.split, self.scfg.batch_size, rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes, seed=seed, position=position, crop_seconds=self.crop_seconds,
-            face128=self.face128, pin_memory=self.accelerator.device.type == "cuda",
+            restore_face=self.restore_face, pin_memory=self.accelerator.device.type == "cuda",
         )
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -177,7 +177,7 @@ class Stage:
 
     def fixed_val_batch(self, n: int = 8) -> dict:
         """The same voices/faces every time: the first validation batch for seed 0, no flips."""
-        batch = next(make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, face128=True))
+        batch = next(make_stream(self.cfg.data, "val", n, seed=0, workers=0, flip=False, restore_face=True))
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def sync_bn(self, module: nn.Module) -> nn.Module:
@@ -394,7 +394,7 @@ class GanStage(Stage):
 
 def faces_at(batch: dict, size: int) -> torch.Tensor:
     """The batch's faces at `size` px: the stored 64 or 128 px copy, resized only if neither fits."""
-    face = batch["face128"] if size > 64 and "face128" in batch else batch["face"]
+    face = batch["restore_face"] if size > 64 and "restore_face" in batch else batch["face"]
     if face.shape[-1] != size:
         face = F.interpolate(face, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return face
@@ -410,7 +410,7 @@ class PriorStage(Stage):
         super().__init__(cfg, accelerator, run_dir)
         r = cfg.model.restorer
         self.size, self.style_dim = r.out_size, r.style_dim
-        self.face128 = r.out_size > 64
+        self.restore_face = r.out_size > 64
         g, d = models.build_prior(r), models.build_style_discriminator(r)
         self.ema = EMA(g, cfg.train.ema_decay).to(accelerator.device)
         self.g, self.d, self.opt_g, self.opt_d = accelerator.prepare(g, d, self.adam(g), self.adam(d))
@@ -462,7 +462,7 @@ class RestoreStage(Stage):
         super().__init__(cfg, accelerator, run_dir)
         r = cfg.model.restorer
         self.size = r.out_size
-        self.face128 = r.out_size > 64
+        self.restore_face = r.out_size > 64
         restorer = models.build_restorer(r)
         restorer.load_prior(read_weights(weights_path(cfg, run_dir, "prior"), "face prior", "prior"))
         embedder = models.build_embedder(cfg.model.embedder)
