@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avpgan.models.perceptual import _load_lite0
+from avpgan.models.perceptual import load_lite0
 
 INPUT_SIZE = 224  # Lite0 learned ImageNet at 224 px; 64-128 px faces are scaled up to it
 # The converted TensorFlow Lite weights were trained on (x_255 - 127) / 128 (see PerceptualNet).
@@ -42,7 +42,7 @@ class FaceFeatures:
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64):
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.net = _load_lite0().to(self.device).eval().requires_grad_(False)
+        self.net = load_lite0().to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, faces: torch.Tensor) -> np.ndarray:

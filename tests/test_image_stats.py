@@ -153,7 +153,7 @@ def test_lite0_probe_picks_ridge_by_held_out_identities_and_recovers_gender():
 def test_lite0_probe_learns_from_blurred_faces_too():
     """Blur moves every face's features the same way, partly along the gender direction: a
     probe fitted on sharp faces alone calls every blurry face one gender; fitted on the
-    shrunk copies as well (what `_Embedded` records), it reads gender through the blur."""
+    shrunk copies as well (what `Embedded` records), it reads gender through the blur."""
     rng = np.random.default_rng(6)
     dim, per_id = 40, 4
     direction = np.zeros(dim); direction[0] = 1.0

@@ -59,7 +59,7 @@ from typing import Callable
 import torch
 
 from avpgan.data.shards import load_manifest
-from avpgan.evaluate.collect import _Embedded, _gather, pixel_vectors, resized, split_samples
+from avpgan.evaluate.collect import Embedded, gather, pixel_vectors, resized, split_samples
 from avpgan.evaluate.embedders import DlibEmbedder, EmbedderError, TorchEmbedder, arcface_from_file, load_embedder
 from avpgan.evaluate.metrics import (
     CI_LEVEL, CI_METHOD, RECALL_KS, centroid, centroid_cosine, cosine_matrix, identity_cosine, mean_ci, pearson,
@@ -70,8 +70,8 @@ from avpgan.evaluate.probes import (
     LITE0_PROBE_DETAILS, LITE0_PROBE_RIDGES, PIXEL_PROBE_SIZE, PROBE_ATTRIBUTES, choose_ridge, fit_lite0_probes,
     fit_pixel_probes, fit_probes, probe_scores, read_attributes, ridge_fit,
 )
-from avpgan.evaluate.report import _json_safe, table, write_json
-from avpgan.evaluate.summary import _summarise
+from avpgan.evaluate.report import json_safe, table, write_json
+from avpgan.evaluate.summary import summarise
 from avpgan.generate import VoiceToFace, open_model
 from avpgan.image_stats import KID_SUBSET_SIZE, KID_SUBSETS, FaceFeatures
 
@@ -128,7 +128,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
 
     errors: list[str] = []
     ids = mine(manifest["splits"][split]["identities"])
-    store = _Embedded(net, face_embedder, features, lengths, batch_size, restore=True, real_sizes=real_sizes)
+    store = Embedded(net, face_embedder, features, lengths, batch_size, restore=True, real_sizes=real_sizes)
     seen_faces: set[str] = set()
     show = f"evaluate: {split} split" if state.is_main_process else None
     for s in split_samples(shards, manifest, split, ids.__contains__, errors, progress=show):
@@ -144,8 +144,8 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     # Real train faces: the probes learn from them (some per identity is plenty for a linear map)
     # and the distribution reference measures the split's real faces against them; they are
     # embedded only when there is a probe to fit.
-    train_acc = _Embedded(net, face_embedder if truth is not None else None, features, {}, batch_size,
-                          restore=False, real_sizes=real_sizes)
+    train_acc = Embedded(net, face_embedder if truth is not None else None, features, {}, batch_size,
+                         restore=False, real_sizes=real_sizes)
     train_ids = mine(manifest["splits"]["train"]["identities"])
     per_id: dict = defaultdict(set)
     show = "evaluate: train faces (probes, reference)" if state.is_main_process else None
@@ -157,7 +157,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     train_acc.finish()
     train_records = train_acc.records()
 
-    gathered = _gather([{"records": records, "train": train_records, "errors": errors}], state)
+    gathered = gather([{"records": records, "train": train_records, "errors": errors}], state)
     if not state.is_main_process:
         return None
     records = sorted((r for g in gathered for r in g["records"]), key=lambda r: r["name"])
@@ -194,8 +194,8 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         "processes": state.num_processes,
         "corrupt_samples": len(errors),  # broken tar members and undecodable samples, skipped
         "read_errors": errors[:20],
-        **_summarise(records, train_records, list(lengths), sizes, group_size, seed, probes, pixel_probes,
-                     lite0_probes, truth),
+        **summarise(records, train_records, list(lengths), sizes, group_size, seed, probes, pixel_probes,
+                    lite0_probes, truth),
     }
     if truth is not None:
         results["attribute_probe"] = {
@@ -220,7 +220,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
             "lambda": {str(k): v for k, v in lite0_ridges.items()},
             "trained_on": results["attribute_probe"]["trained_on"],
         }
-    results = _json_safe(results)
+    results = json_safe(results)
     for line in table(results):
         log(line)
     if out is not None:

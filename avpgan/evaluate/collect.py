@@ -50,7 +50,7 @@ def pixel_vectors(faces: torch.Tensor, size: int = PIXEL_PROBE_SIZE) -> np.ndarr
     return resized(faces.float(), size).flatten(1).cpu().numpy()
 
 
-class _Embedded:
+class Embedded:
     """One rank's per-face vectors, filled batch by batch so the split never sits in memory
     whole: every face, generated or real, is reduced on the spot to its embedding (skipped when
     `embed` is None), its Lite0 features (the distribution metrics) and its pixel vector (the
@@ -143,7 +143,8 @@ class _Embedded:
         return {s: {v: np.stack(k[kind]) for v, k in by_variant.items()} for s, by_variant in self.gen[name].items()}
 
 
-def _gather(obj: list, state) -> list:
+def gather(obj: list, state) -> list:
+    """Every rank's list `obj`, concatenated in rank order (as is on one process)."""
     if state.num_processes == 1:
         return obj
     from accelerate.utils import gather_object

@@ -13,12 +13,12 @@ from avpgan import atomic
 from avpgan.evaluate.probes import PIXEL_PROBE_SIZE
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN/inf -> null (JSON has no NaN), numpy scalars -> Python numbers."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return float(obj) if np.isfinite(obj) else None
     if isinstance(obj, np.integer):

@@ -27,9 +27,9 @@ def _features(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros((0, FaceFeatures.dim), dtype=np.float32)
 
 
-def _summarise(records: list[dict], train: list[dict], seconds_keys: list[str], sizes: dict[str, int],
-               group_size: int, seed: int, probes: dict, pixel_probes: dict, lite0_probes: dict[int, dict],
-               attributes: dict | None) -> dict:
+def summarise(records: list[dict], train: list[dict], seconds_keys: list[str], sizes: dict[str, int],
+              group_size: int, seed: int, probes: dict, pixel_probes: dict, lite0_probes: dict[int, dict],
+              attributes: dict | None) -> dict:
     usable = [r for r in records if r["real"] is not None and r["gen"]]
     real = [r["real"] for r in usable]
     same, different = real_pair_cosines(real) if real else ([], [])

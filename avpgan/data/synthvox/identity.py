@@ -20,8 +20,8 @@ from avpgan.config import DataConfig
 SPLIT_SHARES = {"val": 112 / 1225, "test": 189 / 1225}
 
 # Keys of the SeedSequence spawn tree below (seed, identity index).
-_KEY_ATTRS, _KEY_VIDEOS, _KEY_UTTERANCE, _KEY_FACE = 0, 1, 2, 3
-_KEY_NAMES = (1 << 31) - 1  # (seed, _KEY_NAMES) is a one-element key: never an identity's
+KEY_ATTRS, KEY_VIDEOS, KEY_UTTERANCE, KEY_FACE = 0, 1, 2, 3
+KEY_NAMES = (1 << 31) - 1  # (seed, KEY_NAMES) is a one-element key: never an identity's
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,14 @@ def _hex(rgb) -> str:
     return "#%02x%02x%02x" % tuple(int(np.clip(round(c), 0, 255)) for c in rgb)
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    """Node `key` of the spawn tree under `seed` (see the _KEY_* constants)."""
+def spawn_rng(seed: int, *key: int) -> np.random.Generator:
+    """Node `key` of the spawn tree under `seed` (see the KEY_* constants)."""
     return seeding.rng(seed, spawn_key=key)
 
 
 def draw_identity(seed: int, index: int) -> Identity:
     """The hidden attributes of identity `index`; name, id and split are filled in later."""
-    rng = _rng(seed, index, _KEY_ATTRS)
+    rng = spawn_rng(seed, index, KEY_ATTRS)
     gender = "m" if rng.random() < 0.55 else "f"  # VoxCeleb1 is 55% male
     male = gender == "m"
     age = 19.0 + 58.0 * rng.beta(1.6, 2.0)
@@ -232,7 +232,7 @@ def draw_identities(n: int, seed: int) -> list[Identity]:
     """
     counts = split_counts(n)
     idents = [draw_identity(seed, i) for i in range(n)]
-    rng = _rng(seed, _KEY_NAMES)
+    rng = spawn_rng(seed, KEY_NAMES)
     order = rng.permutation(n)
     split_of = np.empty(n, dtype=object)
     split_of[order[: counts["val"]]] = "val"

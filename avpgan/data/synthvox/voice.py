@@ -179,7 +179,7 @@ def _channel(rng: np.random.Generator, video: dict, x: np.ndarray) -> np.ndarray
     return x * (0.98 / peak) if peak > 0.98 else x
 
 
-def _video_channel(rng: np.random.Generator) -> dict:
+def video_channel(rng: np.random.Generator) -> dict:
     """What stays fixed within one video: room, microphone band, noise colour, mains hum."""
     hp, lp = rng.uniform(50, 250), rng.uniform(3400, 7600)
     return {
@@ -234,5 +234,5 @@ def synth_utterance(ident: Identity, rng: np.random.Generator, seconds: tuple[fl
                 speech += band / (np.std(band) + 1e-9) * _envelope(seg, n, ramp=0.005)
 
     if video is None:
-        video = _video_channel(rng)
+        video = video_channel(rng)
     return _channel(rng, video, speech).astype(np.float32)

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from avpgan import atomic
 from avpgan.data.synthvox.face import draw_face
-from avpgan.data.synthvox.identity import _KEY_FACE, _KEY_UTTERANCE, _KEY_VIDEOS, Identity, _rng, draw_identities
-from avpgan.data.synthvox.voice import SAMPLE_RATE, UTTERANCE_SECONDS, _video_channel, synth_utterance
+from avpgan.data.synthvox.identity import KEY_FACE, KEY_UTTERANCE, KEY_VIDEOS, Identity, draw_identities, spawn_rng
+from avpgan.data.synthvox.voice import SAMPLE_RATE, UTTERANCE_SECONDS, synth_utterance, video_channel
 
 JPEG_QUALITY = 92
 META_HEADER = ["VoxCeleb1 ID", "VGGFace1 ID", "Gender", "Nationality", "Set"]
@@ -32,7 +32,7 @@ META_HEADER = ["VoxCeleb1 ID", "VGGFace1 ID", "Gender", "Nationality", "Set"]
 
 def _video_plan(seed: int, index: int, utterances: int) -> list[tuple[str, int]]:
     """(11-character video id, utterance count) per video, like VoxCeleb1's YouTube folders."""
-    rng = _rng(seed, index, _KEY_VIDEOS)
+    rng = spawn_rng(seed, index, KEY_VIDEOS)
     alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
     per_video = rng.uniform(1.5, 8.0)  # speakers differ in how many clips each video gives
     plan, left = [], utterances
@@ -67,9 +67,9 @@ def _make_identity(job: tuple) -> dict:
         vdir.mkdir(parents=True, exist_ok=True)
         video = None
         for k in range(count):
-            rng = _rng(seed, ident.index, _KEY_UTTERANCE, u)
+            rng = spawn_rng(seed, ident.index, KEY_UTTERANCE, u)
             if video is None:  # the first utterance's stream also draws its video's channel
-                video = _video_channel(_rng(seed, ident.index, _KEY_VIDEOS, u))
+                video = video_channel(spawn_rng(seed, ident.index, KEY_VIDEOS, u))
             x = synth_utterance(ident, rng, seconds, video)
             atomic.write_bytes(vdir / f"{k + 1:05d}.wav", _wav_bytes(x))
             audio_s += len(x) / SAMPLE_RATE
@@ -78,7 +78,7 @@ def _make_identity(job: tuple) -> dict:
     fdir = out / "vggface" / ident.vggface_name
     fdir.mkdir(parents=True, exist_ok=True)
     for j in range(n_faces):
-        img = draw_face(ident, _rng(seed, ident.index, _KEY_FACE, j))
+        img = draw_face(ident, spawn_rng(seed, ident.index, KEY_FACE, j))
         atomic.write_bytes(fdir / f"{j + 1:08d}.jpg", _jpg_bytes(img))
     return {"utterances": n_utt, "audio_seconds": audio_s, "faces": n_faces,
             "voice_s": t1 - t0, "face_s": time.perf_counter() - t1}
