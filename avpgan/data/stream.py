@@ -343,29 +343,15 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def make_stream(
-    data: DataConfig,
-    split: str,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    position: StreamPosition | None = None,
-    crop_seconds: float | None = None,
-    restore_face: bool = False,
-    flip: bool = True,
-    workers: int | None = None,
-    pin_memory: bool = False,
-) -> Batches:
+def make_stream(data: DataConfig, split: str, batch_size: int, *, pin_memory: bool = False, **options) -> Batches:
     """This rank's infinite batches: `audio` int16 [B, S], `face` float32 [B, 3, 64, 64] in
     [-1, 1], `label` int64 [B] (identity index within the split), optionally `restore_face`; the
     returned `Batches` also keeps the position a checkpoint saves (`position`).
+
+    `options` are `ShardStream`'s keyword arguments, passed on as they are: rank, world_size,
+    seed, crop_seconds, restore_face, flip, workers, position. `pin_memory` is the DataLoader's.
     """
-    ds = ShardStream(
-        data, split, batch_size, rank=rank, world_size=world_size, seed=seed, crop_seconds=crop_seconds,
-        restore_face=restore_face, flip=flip, workers=workers, position=position,
-    )
+    ds = ShardStream(data, split, batch_size, **options)
     if ds.workers == 0:
         return Batches(iter(ds), ds.position)
     loader = DataLoader(ds, batch_size=None, num_workers=ds.workers, pin_memory=pin_memory,
