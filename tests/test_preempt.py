@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -172,6 +173,46 @@ def test_launcher_two_nodes_c10d_usr1_on_one_node(tmp_path):
     assert sorted(r["reason"] for r in res if r["reason"]) in (["SIGUSR1"], ["stop file"])
 
 
+class Stopped(NamedTuple):
+    pid: int  # the trainer's, which is also its process group's
+    workers: list[psutil.Process]  # its live children (the loader workers) just before the signal
+    text: str  # what it printed
+    step: int  # the step it stopped and saved at
+    ckpt: Path  # that checkpoint
+
+
+def stop_training(cmd: list[str], env: dict[str, str], run_dir: Path, log: Path, sig: int, *, exit_code: int,
+                  says: str, state: str) -> Stopped:
+    """Run `cmd` for 400 voice steps in its own session (a job's process group), send `sig` to the
+    whole group once it trains with loader workers, and check that it stopped as a stop must: exit
+    `exit_code`, no traceback, `[voice] <says> at step N, checkpoint saved`, a complete checkpoint
+    of step N and status.json's `state`."""
+    from avpgan.train import checkpoint
+
+    with open(log, "wb") as out:
+        p = subprocess.Popen([*cmd, "train.voice.steps=400"], env=env, cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b"step 2/400" in log.read_bytes(), 120, "training with loader workers", [p])
+        workers = [c for c in psutil.Process(p.pid).children() if c.is_running()]
+        os.killpg(p.pid, sig)  # p leads its own session: pgid == pid
+        code = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert code == exit_code, text[-3000:]
+    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
+    stopped = re.search(rf"\[voice\] {re.escape(says)} at step (\d+), checkpoint saved", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    ckpt = run_dir / "voice" / "checkpoints" / f"step-{step:07d}"
+    assert checkpoint.verify(ckpt)["step"] == step
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": state, "stage": "voice"}
+    return Stopped(p.pid, workers, text, step, ckpt)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_still_saves(tiny_shards, tmp_path):
     """What `scancel` and SLURM preemption do: SIGTERM to every process of the job, the loader
@@ -179,39 +220,18 @@ def test_sigterm_to_the_whole_process_group_still_saves(tiny_shards, tmp_path):
     next step boundary, says `preempted`, leaves no process behind, and a resume loses no step."""
     from conftest import subprocess_env
 
-    from avpgan.train import checkpoint
-
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avpgan", "train", "--config", str(ROOT / "configs/tiny.yaml"),
            f"data.shards={tiny_shards}", f"train.run_dir={run_dir}", "tracking.enabled=false",
            "train.stages=[voice]", "train.voice.batch_size=4", "data.workers=2", "train.log_every=2",
            "train.checkpoint_every=1000", "train.sample_every=1000"]
-    log = tmp_path / "train.out"
-    with open(log, "wb") as out:
-        p = subprocess.Popen([*cmd, "train.voice.steps=400"], env=subprocess_env(), cwd=ROOT, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: b"step 2/400" in log.read_bytes(), 120, "training with loader workers", [p])
-        workers = [c for c in psutil.Process(p.pid).children() if c.is_running()]
-        assert len(workers) == 2, workers  # the two loader workers, in the job's process group
-        os.killpg(p.pid, signal.SIGTERM)  # p leads its own session: pgid == pid
-        code = p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    text = log.read_text()
-    assert code == 0, text[-3000:]
-    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
-    stopped = re.search(r"\[voice\] preempted at step (\d+), checkpoint saved", text)
-    assert stopped, text[-3000:]
-    step = int(stopped.group(1))
-    ckpt = run_dir / "voice" / "checkpoints" / f"step-{step:07d}"
-    assert checkpoint.verify(ckpt)["step"] == step
-    assert json.loads((run_dir / "status.json").read_text()) == {"state": "preempted", "stage": "voice"}
-    psutil.wait_procs(workers, timeout=30)
+    stop = stop_training(cmd, subprocess_env(), run_dir, tmp_path / "train.out", signal.SIGTERM,
+                         exit_code=0, says="preempted", state="preempted")
+    step, ckpt = stop.step, stop.ckpt
+    assert len(stop.workers) == 2, stop.workers  # the two loader workers, in the job's process group
+    psutil.wait_procs(stop.workers, timeout=30)
     with pytest.raises(ProcessLookupError):  # the workers did not outlive the trainer
-        os.killpg(p.pid, 0)
+        os.killpg(stop.pid, 0)
 
     done = subprocess.run([*cmd, f"train.voice.steps={step + 2}"], env=subprocess_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
@@ -228,8 +248,6 @@ def test_ctrl_c_saves_exits_130_run_killed_and_resume_continues(tiny_shards, tmp
     from conftest import subprocess_env
     from mlflow import MlflowClient
 
-    from avpgan.train import checkpoint
-
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avpgan", "train", "--config", str(ROOT / "configs/tiny.yaml"),
            f"data.shards={tiny_shards}", f"train.run_dir={run_dir}", "tracking.system_metrics=false",
@@ -237,27 +255,10 @@ def test_ctrl_c_saves_exits_130_run_killed_and_resume_continues(tiny_shards, tmp
            "train.checkpoint_every=1000", "train.sample_every=1000"]
     env = dict(subprocess_env(), MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = tmp_path / "train.out"
-    with open(log, "wb") as out:
-        p = subprocess.Popen([*cmd, "train.voice.steps=400"], env=env, cwd=ROOT, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: b"step 2/400" in log.read_bytes(), 120, "training with loader workers", [p])
-        os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
-        code = p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    text = log.read_text()
-    assert code == 130, text[-3000:]
-    assert "Traceback" not in text and "killed by signal" not in text, text[-3000:]
-    stopped = re.search(r"\[voice\] interrupted \(Ctrl-C\) at step (\d+), checkpoint saved", text)
-    assert stopped, text[-3000:]
-    step = int(stopped.group(1))
-    ckpt = run_dir / "voice" / "checkpoints" / f"step-{step:07d}"
-    assert checkpoint.verify(ckpt)["step"] == step
-    assert json.loads((run_dir / "status.json").read_text()) == {"state": "interrupted", "stage": "voice"}
+    # SIGINT to the whole group: the terminal's Ctrl-C reaches every process of the foreground group.
+    stop = stop_training(cmd, env, run_dir, tmp_path / "train.out", signal.SIGINT,
+                         exit_code=130, says="interrupted (Ctrl-C)", state="interrupted")
+    text, step, ckpt = stop.text, stop.step, stop.ckpt
     assert "avpgan: [voice] interrupted (Ctrl-C); checkpoint saved in" in text
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = (run_dir / "mlflow_run_id").read_text()
