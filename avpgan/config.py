@@ -85,20 +85,13 @@ class VoiceConfig:
 
 
 @dataclass
-class ConvStackConfig:
-    """The keys G and D share: widths of their conv blocks, spectral norm and CBAM gates."""
-
-    channels: list[int]  # one width per block; G and D each set their own default
+class GeneratorConfig:
+    embed_dim: int = 64  # G's input: must equal model.voice.embed_dim (checked at load)
+    channels: list[int] = field(default_factory=lambda: [1024, 512, 256, 128, 64])
     spectral_norm: bool = True
     cbam: bool = True
     cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
     cbam_reduction: int = 16
-
-
-@dataclass
-class GeneratorConfig(ConvStackConfig):
-    channels: list[int] = field(default_factory=lambda: [1024, 512, 256, 128, 64])
-    embed_dim: int = 64  # G's input: must equal model.voice.embed_dim (checked at load)
     # DCGAN switches for small budgets (docs/gan_recipe.md); the paper's G has none of them.
     batch_norm: bool = False  # BatchNorm2d before each hidden ReLU
     tanh: bool = False  # bound the output to [-1, 1] like the real faces
@@ -107,8 +100,12 @@ class GeneratorConfig(ConvStackConfig):
 
 
 @dataclass
-class DiscriminatorConfig(ConvStackConfig):
+class DiscriminatorConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    spectral_norm: bool = True
+    cbam: bool = True
+    cbam_layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
+    cbam_reduction: int = 16
     embed_dim: int = 64  # width of the shared trunk's output that D and C read (Voice2Face: 64); not the voice's
     init: str = "default"  # default (PyTorch's) | dcgan (N(0, 0.02) weights)
 

@@ -78,12 +78,12 @@ WHY: dict[type, dict[str, str]] = {
                      "embeddings (Voice2Face's)",
     },
     c.GeneratorConfig: {
+        "embed_dim": "G's input width: must equal model.voice.embed_dim",
         "channels": "width of each up-sampling block, from 4x4 to the face size",
         "spectral_norm": "spectral normalisation of G's weights (the paper's G has it)",
         "cbam": "CBAM attention in G (the paper's contribution; off in the Voice2Face baseline)",
         "cbam_layers": "the blocks that get a CBAM gate",
         "cbam_reduction": "CBAM's channel reduction ratio (narrow layers keep at least one channel)",
-        "embed_dim": "G's input width: must equal model.voice.embed_dim",
         "batch_norm": "BatchNorm before each hidden ReLU: steadier training on small budgets",
         "tanh": "bound the output to [-1, 1] like the real faces",
         "init": "weight init: PyTorch's default, or DCGAN's N(0, 0.02)",
