@@ -2,7 +2,7 @@
 
 Needs SynthVox + shards in $AVPGAN_EXP/{synthvox,shards} (160 identities were used) and a voice
 stage's weights (`--enc`, e.g. from `make demo`); see docs/gan_recipe.md for the commands.
-Prints pixel-probe gender accuracy / tone r on unseen voices and writes sample grids.
+Prints probe figures (pixel, Lite0, and a probe on D's own trunk) for unseen and train voices and writes sample grids.
 """
 import time, sys, json, csv
 from pathlib import Path
@@ -60,6 +60,9 @@ ap.add_argument("--adv", type=float, default=1.0, help="weight of G's adversaria
 ap.add_argument("--size", type=int, default=64, help="train the GAN at this face size (G and D widths must match); faces are scored at 64 px")
 ap.add_argument("--robust", type=int, default=0, help="fit the Lite0 probe on real faces at 64, 32 and 16 px detail")
 ap.add_argument("--cblur", type=int, default=0, help="C judges identity on faces low-passed to this size (0: full resolution)")
+ap.add_argument("--proj", type=float, default=0.0, help="projection term <P e, h(x)> in D's real/fake logit, with this weight (0: off)")
+ap.add_argument("--ls", type=float, default=0.0, help="label smoothing of C's loss on real faces")
+ap.add_argument("--mis", type=float, default=0.0, help="weight of mismatched (real face, other voice) pairs as D negatives (needs --proj)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
 tr, te = load_split("train"), load_split("test")
@@ -88,9 +91,16 @@ D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn
 from avpgan.train.ema import EMA
 ema = EMA(G, a.ema)
 from avpgan.models.augment import diff_augment
-policy = [o for o in a.aug.split(',') if o]
-T = lambda x: diff_augment(x, policy)
-og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam(D.parameters(), lr=a.lr, betas=(0.5,0.999))
+policy = [o for o in a.aug.split(',') if o and o != "grey"]
+def grey(x, p=0.5):  # luminance for a random half of the images, so C must tell identities apart by shape
+    lum = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    return torch.where(torch.rand(x.shape[0], 1, 1, 1) < p, lum, x)
+T = lambda x: grey(diff_augment(x, policy)) if "grey" in a.aug.split(',') else diff_augment(x, policy)
+P = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(64, D.real_fake.in_features, bias=False))
+def logit_of(h, e):
+    base = D.real_fake(h).squeeze(1)
+    return base + a.proj * (P(e) * h).sum(1) if a.proj else base
+og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam([*D.parameters(), *P.parameters()], lr=a.lr, betas=(0.5,0.999))
 # pixel probes fitted on real train faces
 ptr = pix(ftr); yg = np.array([A[nm]["gender"] for nm in tr["names"]]); yt = np.array([A[nm]["tone"] for nm in tr["names"]])
 pg, pt = ridge(ptr, yg, 10.0), ridge(ptr, yt, 10.0)
@@ -122,9 +132,14 @@ def evaluate(net, s, mode="eval"):
     with torch.no_grad():
         net.train(mode == "train"); ftv = resize(net(btr[trv_i, 0]).clamp(-1, 1), 64); net.train()
     trg = np.mean(np.sign(lg_(lp(ftv))) == yg[trv_i.numpy()]); trpg = np.mean(np.sign(pg(pix(ftv))) == yg[trv_i.numpy()])
+    with torch.no_grad():  # what D's own trunk sees: a probe fitted on its features of real train faces
+        D.eval(); hr = D.features(ftr).numpy(); hf = D.features(fake).numpy(); D.train()
+    dg = ridge(hr, yg, 1.0); dgacc = np.mean(np.sign(dg(hf)) == ygte)
+    auc = lambda sc, y: np.mean((sc[y > 0][:, None] > sc[y < 0][None, :]))  # P(male scores above female)
+    lauc = auc(lg_(l), ygte)
     grid = make_grid([ftr[gtr_i], ftrain, fte[gte_i], fake[gte_i]], nrow=8)
     save_png(grid, EXP / f"grid_{a.tag}_{s:05d}.png")
-    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}"
+    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}; D-trunk probe gender {dgacc:.2f}; Lite0 gender AUC {lauc:.2f}"
 t0=time.time()
 for s in range(1, a.steps+1):
     i = torch.randint(0, len(btr), (a.batch,)); k = torch.randint(0, 8, (a.batch,))
@@ -136,15 +151,26 @@ for s in range(1, a.steps+1):
     if a.cblur:
         logit, idl = D(torch.cat([real_in, T(fake.detach()), lowpass(real_in)]))
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:2 * a.batch]); lc, pc = models.c_loss(idl[2 * a.batch:], lab)
+    elif a.proj:
+        h = D.features(torch.cat([real_in, T(fake.detach())])); idl = D.classifier(h)
+        ee = torch.cat([emb, emb]); logit = logit_of(h, ee)
+        ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+        if a.mis:
+            shift = emb.roll(1, 0); other = lab.roll(1, 0) != lab
+            lm_ = F.binary_cross_entropy_with_logits(logit_of(h[:a.batch], shift), torch.zeros(a.batch), reduction="none")
+            ld = ld + a.mis * (lm_ * other).sum() / other.sum().clamp(min=1)
     else:
         logit, idl = D(torch.cat([real_in, T(fake.detach())]))
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+        if a.ls: lc = F.cross_entropy(idl[:a.batch], lab, label_smoothing=a.ls)
     if a.r1 > 0:
         g, = torch.autograd.grad(logit[:a.batch].sum(), real_in, create_graph=True)
         ld = ld + 0.5 * a.r1 * g.square().flatten(1).sum(1).mean()
     od.zero_grad(); (ld+lc).backward(); od.step()
     if a.cblur:
         fl, fid = D(torch.cat([T(fake), lowpass(T(fake))])); fl, fid = fl[:a.batch], fid[a.batch:]
+    elif a.proj:
+        h = D.features(T(fake)); fl, fid = logit_of(h, emb), D.classifier(h)
     else:
         fl, fid = D(T(fake))
     lg = a.adv*F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
