@@ -129,6 +129,17 @@ def test_ridge_probe_recovers_a_linear_attribute():
     assert ev.pearson(np.ones(4), np.arange(4)) is None
 
 
+def test_roc_auc_ranks_classes_and_ignores_the_threshold():
+    positive = np.array([True, True, False, False])
+    assert ev.roc_auc(np.array([3.0, 2.0, 1.0, 0.0]), positive) == 1.0
+    assert ev.roc_auc(np.array([0.0, 1.0, 2.0, 3.0]), positive) == 0.0
+    assert ev.roc_auc(np.ones(4), positive) == 0.5  # ties count half
+    # every score shifted below a threshold of 0: accuracy of sign() falls to the negatives' share, AUC stays 1
+    shifted = np.array([3.0, 2.0, 1.0, 0.0]) - 10
+    assert np.mean(np.sign(shifted) == np.where(positive, 1, -1)) == 0.5 and ev.roc_auc(shifted, positive) == 1.0
+    assert ev.roc_auc(np.arange(3.0), np.ones(3, bool)) is None  # one class: undefined
+
+
 def test_arcface_torch_weights_are_loaded_by_key_count(tmp_path):
     from avpgan import models
 
@@ -197,15 +208,19 @@ def test_evaluate_writes_every_key(results):
                 assert -1 <= e[key]["mean"] <= 1 and e[key]["n"] == 2 and e[key]["low"] <= e[key]["high"]
             assert set(e["retrieval"]["recall"]) == {"1", "5", "10"}
             assert e["retrieval"]["group_size"] == 2 and e["retrieval"]["recall"]["5"] == 1.0
-            assert set(e["attributes"]) == {"gender", "age", "size", "tone"}
+            assert set(e["attributes"]) == {"gender", "gender_auc", "age", "size", "tone"}
             assert 0 <= e["attributes"]["gender"] <= 1
             d = e["distribution"]
             assert (d["n_fake"], d["n_real"], d["real_size"]) == (8, r["real_faces"], 64)  # tiny restorer: 64 px
             assert all(math.isfinite(d[k]) for k in ("fd_lite0", "kid_lite0", "kid_lite0_std")) and d["fd_lite0"] > 0
-            assert set(e["attributes_pixels"]) == {"gender", "age", "size", "tone"}
-            assert all(math.isfinite(v) for v in e["attributes_pixels"].values())
-    assert set(r["attributes_real_reference"]) == {"gender", "age", "size", "tone"}
-    assert set(r["attributes_pixels_real_reference"]) == {"gender", "age", "size", "tone"}
+            assert set(e["attributes_pixels"]) == {"gender", "gender_auc", "age", "size", "tone"}
+            pix = e["attributes_pixels"]
+            assert all(math.isfinite(v) for k, v in pix.items() if k != "gender_auc")
+            # the AUC needs both genders among the split's identities (null otherwise), as on its real faces
+            auc, real_auc = pix["gender_auc"], r["attributes_pixels_real_reference"]["gender_auc"]
+            assert (auc is None) == (real_auc is None) and (auc is None or 0 <= auc <= 1)
+    assert set(r["attributes_real_reference"]) == {"gender", "gender_auc", "age", "size", "tone"}
+    assert set(r["attributes_pixels_real_reference"]) == {"gender", "gender_auc", "age", "size", "tone"}
     assert r["attribute_probe"]["train_faces"] > 0
     ref = r["distribution_real_reference"]["64"]
     assert ref["n_split"] == r["real_faces"] and ref["n_train"] > 0 and math.isfinite(ref["fd_lite0"])

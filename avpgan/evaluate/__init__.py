@@ -62,7 +62,7 @@ from avpgan.data.shards import load_manifest
 from avpgan.evaluate.collect import Embedded, gather, pixel_vectors, resized, split_samples
 from avpgan.evaluate.embedders import DlibEmbedder, EmbedderError, TorchEmbedder, arcface_from_file, load_embedder
 from avpgan.evaluate.metrics import (
-    CI_LEVEL, CI_METHOD, RECALL_KS, centroid, centroid_cosine, cosine_matrix, identity_cosine, mean_ci, pearson,
+    CI_LEVEL, CI_METHOD, RECALL_KS, centroid, centroid_cosine, cosine_matrix, identity_cosine, mean_ci, pearson, roc_auc,
     real_pair_cosines, retrieval_groups, retrieval_recall, unit,
 )
 from avpgan.evaluate.mlflow_log import log_to_run, metrics_for_mlflow
@@ -79,7 +79,7 @@ __all__ = [
     "CI_LEVEL", "CI_METHOD", "LITE0_PROBE_DETAILS", "LITE0_PROBE_RIDGES", "PIXEL_PROBE_SIZE", "PROBE_ATTRIBUTES",
     "RECALL_KS", "DlibEmbedder", "EmbedderError", "TorchEmbedder", "arcface_from_file", "centroid",
     "centroid_cosine", "choose_ridge", "cosine_matrix", "evaluate", "fit_lite0_probes", "fit_pixel_probes",
-    "fit_probes", "identity_cosine", "load_embedder", "log_to_run", "mean_ci", "metrics_for_mlflow", "pearson",
+    "fit_probes", "identity_cosine", "load_embedder", "log_to_run", "mean_ci", "metrics_for_mlflow", "pearson", "roc_auc",
     "pixel_vectors", "probe_scores", "read_attributes", "real_pair_cosines", "resized", "retrieval_groups",
     "retrieval_recall", "ridge_fit", "split_samples", "table", "unit", "write_json",
 ]

@@ -114,6 +114,21 @@ def real_pair_cosines(real: list[np.ndarray]) -> tuple[list[float], list[float]]
     return same, different
 
 
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney U / n_pos n_neg).
+
+    Why beside accuracy: a probe fitted on real faces and applied to generated ones may shift
+    every score to one side of its threshold (blurry faces all called one gender); its accuracy
+    is then the share of that class whatever the faces show, while the AUC still says whether
+    the scores rank the two classes apart (0.5: not at all)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    above = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(above / (pos.size * neg.size))
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.size < 2 or a.std() == 0 or b.std() == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avpgan.evaluate.metrics import pearson, unit
+from avpgan.evaluate.metrics import pearson, roc_auc, unit
 
 PROBE_ATTRIBUTES = {"gender": "accuracy", "age": "pearson_r", "size": "pearson_r", "tone": "pearson_r"}
 LITE0_PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # the Lite0 probe's lambda is chosen from these
@@ -49,12 +49,15 @@ def read_attributes(path: Path) -> dict[str, dict]:
 
 
 def probe_scores(probe: dict, emb: np.ndarray, truth: list[dict]) -> dict:
-    """Gender accuracy and Pearson r per continuous attribute of one set of faces."""
+    """Gender accuracy and ROC AUC (men positive), Pearson r per continuous attribute, of one set of faces."""
     out = {}
     for attr, (w, b) in probe.items():
         pred = emb @ w + b
         y = np.array([t[attr] for t in truth])
-        out[attr] = float(np.mean(np.sign(pred) == y)) if attr == "gender" else pearson(pred, y)
+        if attr == "gender":
+            out["gender"], out["gender_auc"] = float(np.mean(np.sign(pred) == y)), roc_auc(pred, y > 0)
+        else:
+            out[attr] = pearson(pred, y)
     return out
 
 

@@ -84,13 +84,13 @@ def table(results: dict) -> list[str]:
                             ("attributes_pixels_real_reference", "attributes_pixels",
                              f"attribute probe on {PIXEL_PROBE_SIZE} x {PIXEL_PROBE_SIZE} pixels")):
         if ref in results:
-            lines.append(f"{title} (gender: accuracy; others: Pearson r):")
+            lines.append(f"{title} (gender: accuracy, gender_auc: ROC AUC; others: Pearson r):")
             lines.append(f"      real faces: {_fmt_attr(results[ref])}")
             for s, variants in results["results"].items():
                 for variant, r in variants.items():
                     lines.append(f"{s:>5s} {variant:9s} {_fmt_attr(r.get(key, {}))}")
     if "attributes_lite0_real_reference" in results:
-        lines.append("attribute probe on EfficientNet-Lite0 features (gender: accuracy; others: Pearson r):")
+        lines.append("attribute probe on EfficientNet-Lite0 features (gender: accuracy, gender_auc: ROC AUC; others: Pearson r):")
         for size, ref in results["attributes_lite0_real_reference"].items():
             lines.append(f"      real faces at {size} px: {_fmt_attr(ref)}")
         for detail, ref in results.get("attributes_lite0_real_reference_detail", {}).items():
