@@ -42,7 +42,9 @@ class FaceFeatures:
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64):
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.net = load_lite0().to(self.device).eval().requires_grad_(False)
+        # channels_last: its depthwise convolutions run 1.6x faster so on CPU (64 faces at 224 px:
+        # 1.5 s against 2.4-2.6 s), the bulk of `avpgan evaluate`; features differ by ~1e-5 (rounding)
+        self.net = load_lite0().to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, faces: torch.Tensor) -> np.ndarray:
