@@ -144,7 +144,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     # Real train faces: the probes learn from them (some per identity is plenty for a linear map)
     # and the distribution reference measures the split's real faces against them; they are
     # embedded only when there is a probe to fit.
-    train_acc = Embedded(net, face_embedder if truth is not None else None, features, {}, batch_size,
+    train_store = Embedded(net, face_embedder if truth is not None else None, features, {}, batch_size,
                          restore=False, real_sizes=real_sizes)
     train_ids = mine(manifest["splits"]["train"]["identities"])
     per_id: dict = defaultdict(set)
@@ -153,9 +153,9 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
         name, face_id = s["meta"]["name"], s["meta"].get("face_path", s["key"])
         if face_id not in per_id[name] and len(per_id[name]) < probe_faces_per_identity:
             per_id[name].add(face_id)
-            train_acc.add_face(name, s["restore_face"])
-    train_acc.finish()
-    train_records = train_acc.records()
+            train_store.add_face(name, s["restore_face"])
+    train_store.finish()
+    train_records = train_store.records()
 
     gathered = gather([{"records": records, "train": train_records, "errors": errors}], state)
     if not state.is_main_process:
