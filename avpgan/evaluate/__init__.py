@@ -145,7 +145,7 @@ def evaluate(model: str | Path, shards: str | Path | None = None, split: str = "
     # and the distribution reference measures the split's real faces against them; they are
     # embedded only when there is a probe to fit.
     train_store = Embedded(net, face_embedder if truth is not None else None, features, {}, batch_size,
-                         restore=False, real_sizes=real_sizes)
+                           restore=False, real_sizes=real_sizes)
     train_ids = mine(manifest["splits"]["train"]["identities"])
     per_id: dict = defaultdict(set)
     show = "evaluate: train faces (probes, reference)" if state.is_main_process else None
