@@ -102,3 +102,20 @@ def test_ema_moves_only_after_a_finite_g_step(make_stage):
     assert not changed(ema_after_one, stage.ema), "the EMA moved after a skipped G update"
     g = stage.accelerator.unwrap_model(stage.g)
     assert all(torch.equal(g_after_one[k], v) for k, v in g.named_parameters())  # G's update was skipped
+
+
+def test_grads_finite_flags_nan_and_inf_and_leaves_gradients_as_they_are():
+    from avpgan.train.stages import grads_finite
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in net.parameters()]
+    assert bool(grads_finite(net.parameters()))
+    assert all(torch.equal(p.grad, b) for p, b in zip(net.parameters(), before))  # checked, not scaled
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        net[1].bias.grad[0] = bad
+        assert not bool(grads_finite(net.parameters()))
+    net[1].bias.grad = None  # a parameter without a gradient is not a reason to skip
+    assert bool(grads_finite(net.parameters()))
+    assert bool(grads_finite([]))

