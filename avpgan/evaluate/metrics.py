@@ -121,12 +121,15 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     every score to one side of its threshold (blurry faces all called one gender); its accuracy
     is then the share of that class whatever the faces show, while the AUC still says whether
     the scores rank the two classes apart (0.5: not at all)."""
+    from scipy import stats
+
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    pos, neg = scores[positive], scores[~positive]
-    if pos.size == 0 or neg.size == 0:
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
         return None
-    above = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(above / (pos.size * neg.size))
+    # From average ranks (ties share theirs), without an n_pos x n_neg comparison matrix
+    u = stats.rankdata(scores)[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
