@@ -367,8 +367,11 @@ def worker(out: Path) -> int:
     tmp = out / f"result-{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / f"result-{rank}.json")
-    # Drop DDP and the optimizer before destroying the process group: a gloo thread still owned
-    # by a live DDP model at interpreter exit can abort the process (exit -6) under torchrun.
+    # The teardown of avpgan.train.loop.shutdown: wait for every rank, drop DDP and the optimizer,
+    # then destroy the process group. Without the barrier, one rank could close its gloo sockets
+    # while the other still finished the last all-reduce, and that rank aborted (exit -6, seen
+    # about once in 60 loaded runs).
+    accelerator.wait_for_everyone()
     model = opt = loss = None
     accelerator.free_memory()
     accelerator.end_training()
