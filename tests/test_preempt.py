@@ -335,6 +335,7 @@ def worker(out: Path) -> int:
     from accelerate import Accelerator
 
     from avpgan.train import preempt
+    from avpgan.train.loop import shutdown
 
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True)
@@ -367,14 +368,11 @@ def worker(out: Path) -> int:
     tmp = out / f"result-{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / f"result-{rank}.json")
-    # The teardown of avpgan.train.loop.shutdown: wait for every rank, drop DDP and the optimizer,
-    # then destroy the process group. Without the barrier, one rank could close its gloo sockets
-    # while the other still finished the last all-reduce, and that rank aborted (exit -6, seen
-    # about once in 60 loaded runs).
-    accelerator.wait_for_everyone()
+    # The training loop's teardown: wait for every rank, then release DDP and destroy the group.
+    # Without the barrier, one rank could close its gloo sockets while the other still finished
+    # the last all-reduce, and that rank aborted (exit -6, seen about once in 60 loaded runs).
     model = opt = loss = None
-    accelerator.free_memory()
-    accelerator.end_training()
+    shutdown(accelerator)
     return 0
 
 
