@@ -63,6 +63,7 @@ ap.add_argument("--cblur", type=int, default=0, help="C judges identity on faces
 ap.add_argument("--proj", type=float, default=0.0, help="projection term <P e, h(x)> in D's real/fake logit, with this weight (0: off)")
 ap.add_argument("--ls", type=float, default=0.0, help="label smoothing of C's loss on real faces")
 ap.add_argument("--mis", type=float, default=0.0, help="weight of mismatched (real face, other voice) pairs as D negatives (needs --proj)")
+ap.add_argument("--decay", type=float, default=0.0, help="decay both learning rates linearly to 0 over this last fraction of the steps (0: constant)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
 tr, te = load_split("train"), load_split("test")
@@ -142,6 +143,10 @@ def evaluate(net, s, mode="eval"):
     return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}; D-trunk probe gender {dgacc:.2f}; Lite0 gender AUC {lauc:.2f}"
 t0=time.time()
 for s in range(1, a.steps+1):
+    if a.decay:  # linear decay to 0 over the last `decay` of the run
+        frac = min(1.0, (a.steps - s + 1) / (a.decay * a.steps))
+        for o, base in ((og, a.glr or a.lr), (od, a.lr)):
+            for gr in o.param_groups: gr["lr"] = base * frac
     i = torch.randint(0, len(btr), (a.batch,)); k = torch.randint(0, 8, (a.batch,))
     emb = models.voice_embedding(btr[i, k], 0.05); lab = ltr[i]
     fi = torch.stack([by_id[l][torch.randint(0, len(by_id[l]), (1,))].squeeze() for l in lab.tolist()])
