@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 from avpgan.models.cbam import CBAM
-from avpgan.models.cpu_convs import transposed_conv
 
 
 def _attention(kind: str, enabled: bool, layers: Sequence[int], widths: Sequence[int], reduction: int) -> nn.ModuleDict:
@@ -118,7 +117,7 @@ class Generator(nn.Module):
         for k, conv in enumerate(self.convs, start=1):
             if self.resize and 1 < k < last:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = transposed_conv(conv, x) if isinstance(conv, nn.ConvTranspose2d) else conv(x)
+            x = conv(x)
             if k < last:
                 if self.norms:
                     x = self.norms[k - 1](x)
