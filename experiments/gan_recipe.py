@@ -63,6 +63,7 @@ ap.add_argument("--cblur", type=int, default=0, help="C judges identity on faces
 ap.add_argument("--proj", type=float, default=0.0, help="projection term <P e, h(x)> in D's real/fake logit, with this weight (0: off)")
 ap.add_argument("--ls", type=float, default=0.0, help="label smoothing of C's loss on real faces")
 ap.add_argument("--mis", type=float, default=0.0, help="weight of mismatched (real face, other voice) pairs as D negatives (needs --proj)")
+ap.add_argument("--acfake", type=float, default=0.0, help="also train C on the fakes with their voices' identities, with this weight (AC-GAN)")
 ap.add_argument("--decay", type=float, default=0.0, help="decay both learning rates linearly to 0 over this last fraction of the steps (0: constant)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
@@ -167,6 +168,7 @@ for s in range(1, a.steps+1):
     else:
         logit, idl = D(torch.cat([real_in, T(fake.detach())]))
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
+        if a.acfake: lc = lc + a.acfake * F.cross_entropy(idl[a.batch:], lab)
         if a.ls: lc = F.cross_entropy(idl[:a.batch], lab, label_smoothing=a.ls)
     if a.r1 > 0:
         g, = torch.autograd.grad(logit[:a.batch].sum(), real_in, create_graph=True)
