@@ -135,7 +135,7 @@ def evaluate(net, s, mode="eval"):
         net.train(mode == "train"); ftv = resize(net(btr[trv_i, 0]).clamp(-1, 1), 64); net.train()
     trg = np.mean(np.sign(lg_(lp(ftv))) == yg[trv_i.numpy()]); trpg = np.mean(np.sign(pg(pix(ftv))) == yg[trv_i.numpy()])
     with torch.no_grad():  # what D's own trunk sees: a probe fitted on its features of real train faces
-        D.eval(); hr = D.features(ftr).numpy(); hf = D.features(fake).numpy(); D.train()
+        D.eval(); hr = D.features(ftr_train).numpy(); hf = D.features(resize(fake, a.size)).numpy(); D.train()
     dg = ridge(hr, yg, 1.0); dgacc = np.mean(np.sign(dg(hf)) == ygte)
     auc = lambda sc, y: np.mean((sc[y > 0][:, None] > sc[y < 0][None, :]))  # P(male scores above female)
     lauc = auc(lg_(l), ygte)
