@@ -168,8 +168,8 @@ for s in range(1, a.steps+1):
     else:
         logit, idl = D(torch.cat([real_in, T(fake.detach())]))
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
-        if a.acfake: lc = lc + a.acfake * F.cross_entropy(idl[a.batch:], lab)
         if a.ls: lc = F.cross_entropy(idl[:a.batch], lab, label_smoothing=a.ls)
+        if a.acfake: lc = lc + a.acfake * F.cross_entropy(idl[a.batch:], lab)
     if a.r1 > 0:
         g, = torch.autograd.grad(logit[:a.batch].sum(), real_in, create_graph=True)
         ld = ld + 0.5 * a.r1 * g.square().flatten(1).sum(1).mean()
