@@ -84,7 +84,8 @@ ftr = faces_t(tr["face"]); fte = faces_t(te["face"]); ltr = torch.from_numpy(tr[
 ids = int(ltr.max())+1
 by_id = [torch.nonzero(ltr==l).flatten() for l in range(ids)]
 resize = lambda x, n: F.interpolate(x, size=(n, n), mode="bilinear", antialias=x.shape[-1] > n, align_corners=False)
-ftr_train = resize(ftr, a.size) if a.size != 64 else ftr
+at_train_size = lambda x: resize(x, a.size) if a.size != 64 else x  # what D and C see
+ftr_train = at_train_size(ftr)
 lowpass = lambda x: resize(resize(x, a.cblur), x.shape[-1]) if a.cblur else x
 torch.manual_seed(0)
 gch, dch = json.loads(a.gch), json.loads(a.dch)
@@ -135,7 +136,7 @@ def evaluate(net, s, mode="eval"):
         net.train(mode == "train"); ftv = resize(net(btr[trv_i, 0]).clamp(-1, 1), 64); net.train()
     trg = np.mean(np.sign(lg_(lp(ftv))) == yg[trv_i.numpy()]); trpg = np.mean(np.sign(pg(pix(ftv))) == yg[trv_i.numpy()])
     with torch.no_grad():  # what D's own trunk sees: a probe fitted on its features of real train faces
-        D.eval(); hr = D.features(ftr_train).numpy(); hf = D.features(resize(fake, a.size)).numpy(); D.train()
+        D.eval(); hr = D.features(ftr_train).numpy(); hf = D.features(at_train_size(fake)).numpy(); D.train()
     dg = ridge(hr, yg, 1.0); dgacc = np.mean(np.sign(dg(hf)) == ygte)
     auc = lambda sc, y: np.mean((sc[y > 0][:, None] > sc[y < 0][None, :]))  # P(male scores above female)
     lauc = auc(lg_(l), ygte)
