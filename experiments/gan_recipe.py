@@ -64,6 +64,14 @@ ap.add_argument("--proj", type=float, default=0.0, help="projection term <P e, h
 ap.add_argument("--ls", type=float, default=0.0, help="label smoothing of C's loss on real faces")
 ap.add_argument("--mis", type=float, default=0.0, help="weight of mismatched (real face, other voice) pairs as D negatives (needs --proj)")
 ap.add_argument("--acfake", type=float, default=0.0, help="also train C on the fakes with their voices' identities, with this weight (AC-GAN)")
+ap.add_argument("--projd", type=int, default=0, help="D and C on frozen Lite0 features of the faces at this size (Projected GAN); 0: the project's D")
+ap.add_argument("--pc", default="lite0", help="with --projd: C on the Lite0 features (lite0) or on the project's own CNN trunk (cnn)")
+ap.add_argument("--dlib", type=int, default=0, help="also probe with dlib's face descriptor (optional wheels), a network no G here trains against")
+ap.add_argument("--pdeep", type=int, default=0, help="with --projd: heads that judge each tap whole (down to 4 x 4) instead of patch by patch")
+ap.add_argument("--ms", type=float, default=0.0, help="mode-seeking term (Mao et al. 2019): G is paid for faces as far apart as their voices, with this weight")
+ap.add_argument("--pboth", type=int, default=0, help="with --projd and --pc cnn: D's logit is the projected heads' plus the project's own D's")
+ap.add_argument("--seed", type=int, default=0, help="torch seed of the networks' init and the batches")
+ap.add_argument("--pwidth", type=int, default=64, help="width of each projected D head")
 ap.add_argument("--decay", type=float, default=0.0, help="decay both learning rates linearly to 0 over this last fraction of the steps (0: constant)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
@@ -87,10 +95,16 @@ resize = lambda x, n: F.interpolate(x, size=(n, n), mode="bilinear", antialias=x
 at_train_size = lambda x: resize(x, a.size) if a.size != 64 else x  # what D and C see
 ftr_train = at_train_size(ftr)
 lowpass = lambda x: resize(resize(x, a.cblur), x.shape[-1]) if a.cblur else x
-torch.manual_seed(0)
+torch.manual_seed(a.seed)
 gch, dch = json.loads(a.gch), json.loads(a.dch)
 G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init, upsample=a.up)
 D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn), cbam=bool(a.cbam), cbam_reduction=4, init=a.dinit)
+if a.projd:
+    sys.path.insert(0, str(Path(__file__).parent)); from projected_d import ProjD
+    Dc = D if a.pc == "cnn" else None  # the project's D/C: its classifier head only
+    D = ProjD(ids, a.projd, a.pwidth, 64 if a.proj else 0, bool(a.pdeep))
+else:
+    Dc = None
 from avpgan.train.ema import EMA
 ema = EMA(G, a.ema)
 from avpgan.models.augment import diff_augment
@@ -99,11 +113,11 @@ def grey(x, p=0.5):  # luminance for a random half of the images, so C must tell
     lum = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
     return torch.where(torch.rand(x.shape[0], 1, 1, 1) < p, lum, x)
 T = lambda x: grey(diff_augment(x, policy)) if "grey" in a.aug.split(',') else diff_augment(x, policy)
-P = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(64, D.real_fake.in_features, bias=False))
+P = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(64, D.real_fake.in_features if hasattr(D, "real_fake") else 1, bias=False))
 def logit_of(h, e):
     base = D.real_fake(h).squeeze(1)
     return base + a.proj * (P(e) * h).sum(1) if a.proj else base
-og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam([*D.parameters(), *P.parameters()], lr=a.lr, betas=(0.5,0.999))
+og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam([p for p in [*D.parameters(), *P.parameters(), *(Dc.parameters() if Dc else [])] if p.requires_grad], lr=a.lr, betas=(0.5,0.999))
 # pixel probes fitted on real train faces
 ptr = pix(ftr); yg = np.array([A[nm]["gender"] for nm in tr["names"]]); yt = np.array([A[nm]["tone"] for nm in tr["names"]])
 pg, pt = ridge(ptr, yg, 10.0), ridge(ptr, yt, 10.0)
@@ -121,6 +135,12 @@ for n in (32, 16):
     l0 = lp(resize(resize(fte, n), 64)); print(f"real test at {n} px detail, Lite0 probe: gender", np.mean(np.sign(lg_(l0)) == ygte), "tone r", np.corrcoef(lt_(l0), ytte)[0, 1])
 l0 = lp(fte); print("real test, Lite0 probe: gender", np.mean(np.sign(lg_(l0)) == ygte), "tone r", np.corrcoef(lt_(l0), ytte)[0, 1])
 pte = pix(fte); print("real test: gender", np.mean(np.sign(pg(pte))==ygte), "tone r", np.corrcoef(pt(pte), ytte)[0,1])
+if a.dlib:  # fitted on one real train face per sample, cached: dlib takes ~0.1 s a face
+    from avpgan.evaluate.embedders import DlibEmbedder
+    dl = DlibEmbedder(); cache = EXP / "dlib_train.npy"
+    if not cache.exists(): np.save(cache, dl(ftr))
+    dtr = np.load(cache); dgp, dtp = ridge(dtr, yg, 1.0), ridge(dtr, yt, 1.0)
+    d0 = dl(fte); print("real test, dlib probe: gender", np.mean(np.sign(dgp(d0)) == ygte), "tone r", np.corrcoef(dtp(d0), ytte)[0, 1])
 # fixed grid: 8 train ids, 8 test ids
 gtr_i = torch.tensor([by_id[l][0].item() for l in range(0, ids, ids//8)][:8]); gte_i = torch.arange(0, len(te["audio"]), len(te["audio"])//8)[:8]
 trv_i = torch.tensor([by_id[l][0].item() for l in range(ids)])  # one utterance per train identity
@@ -140,9 +160,12 @@ def evaluate(net, s, mode="eval"):
     dg = ridge(hr, yg, 1.0); dgacc = np.mean(np.sign(dg(hf)) == ygte)
     auc = lambda sc, y: np.mean((sc[y > 0][:, None] > sc[y < 0][None, :]))  # P(male scores above female)
     lauc = auc(lg_(l), ygte)
+    dls = ""
+    if a.dlib:
+        d0 = dl(fake); dls = f"; dlib probe gender {np.mean(np.sign(dgp(d0)) == ygte):.2f} tone r {np.corrcoef(dtp(d0), ytte)[0, 1]:.2f}"
     grid = make_grid([ftr[gtr_i], ftrain, fte[gte_i], fake[gte_i]], nrow=8)
     save_png(grid, EXP / f"grid_{a.tag}_{s:05d}.png")
-    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}; D-trunk probe gender {dgacc:.2f}; Lite0 gender AUC {lauc:.2f}"
+    return f"pixel probe gender {gacc:.2f} tone r {tr_:.2f}; Lite0 probe gender {lgacc:.2f} tone r {ltr:.2f}; spread {spread:.2f}; train voices gender pixel/Lite0 {trpg:.2f}/{trg:.2f}; D-trunk probe gender {dgacc:.2f}; Lite0 gender AUC {lauc:.2f}{dls}"
 t0=time.time()
 for s in range(1, a.steps+1):
     if a.decay:  # linear decay to 0 over the last `decay` of the run
@@ -158,6 +181,13 @@ for s in range(1, a.steps+1):
     if a.cblur:
         logit, idl = D(torch.cat([real_in, T(fake.detach()), lowpass(real_in)]))
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:2 * a.batch]); lc, pc = models.c_loss(idl[2 * a.batch:], lab)
+    elif a.projd:
+        x = torch.cat([real_in, T(fake.detach())])
+        logit, idl = D(x, torch.cat([emb, emb]) if a.proj else None)
+        if Dc is not None and a.pboth:  # the project's own D (one trunk with C) adds its real/fake logit
+            lc_, idl = Dc(torch.cat([face, fake.detach()])); logit = logit + lc_
+        elif Dc is not None: idl = Dc(face)[1]  # C judges the faces unaugmented: augmentation hides identity
+        ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
     elif a.proj:
         h = D.features(torch.cat([real_in, T(fake.detach())])); idl = D.classifier(h)
         ee = torch.cat([emb, emb]); logit = logit_of(h, ee)
@@ -177,15 +207,24 @@ for s in range(1, a.steps+1):
     od.zero_grad(); (ld+lc).backward(); od.step()
     if a.cblur:
         fl, fid = D(torch.cat([T(fake), lowpass(T(fake))])); fl, fid = fl[:a.batch], fid[a.batch:]
+    elif a.projd:
+        fl, fid = D(T(fake), emb if a.proj else None)
+        if Dc is not None:
+            fl_, fid = Dc(fake)
+            if a.pboth: fl = fl + fl_
     elif a.proj:
         h = D.features(T(fake)); fl, fid = logit_of(h, emb), D.classifier(h)
     else:
         fl, fid = D(T(fake))
     lg = a.adv*F.binary_cross_entropy_with_logits(fl, torch.ones_like(fl)) + a.cw*F.cross_entropy(fid, lab)
+    if a.ms > 0:  # pairs within the batch: the face distance per unit of voice distance, maximised
+        ratio = (fake - fake.roll(1, 0)).abs().mean((1, 2, 3)) / (emb - emb.roll(1, 0)).abs().mean(1).clamp(min=1e-5)
+        lg = lg - a.ms * ratio.mean()
     if a.l1 > 0:
         down = lambda x: F.interpolate(x, size=(a.l1size, a.l1size), mode="bilinear", antialias=True, align_corners=False)
         lg = lg + a.l1 * (down(fake) - down(face)).abs().mean()
     og.zero_grad(); lg.backward(); og.step(); D.zero_grad(set_to_none=True)
+    if Dc is not None: Dc.zero_grad(set_to_none=True)
     ema.update(G)
     if s % a.every == 0 or s == a.steps:
         print(s, f"{time.time()-t0:.0f}s ld {ld.item():.3f} lc {lc.item():.2f} cacc {pc['c_acc_real']:.2f} lg {lg.item():.3f} | G:", evaluate(G, s), "| EMA:", evaluate(ema.module, s+1), flush=True)
