@@ -185,7 +185,7 @@ for s in range(1, a.steps+1):
         x = torch.cat([real_in, T(fake.detach())])
         logit, idl = D(x, torch.cat([emb, emb]) if a.proj else None)
         if Dc is not None and a.pboth:  # the project's own D (one trunk with C) adds its real/fake logit
-            lc_, idl = Dc(torch.cat([face, fake.detach()])); logit = logit + lc_
+            own, idl = Dc(torch.cat([face, fake.detach()])); logit = logit + own
         elif Dc is not None: idl = Dc(face)[1]  # C judges the faces unaugmented: augmentation hides identity
         ld, _ = models.d_loss(logit[:a.batch], logit[a.batch:]); lc, pc = models.c_loss(idl[:a.batch], lab)
     elif a.proj:
@@ -210,8 +210,8 @@ for s in range(1, a.steps+1):
     elif a.projd:
         fl, fid = D(T(fake), emb if a.proj else None)
         if Dc is not None:
-            fl_, fid = Dc(fake)
-            if a.pboth: fl = fl + fl_
+            own, fid = Dc(fake)
+            if a.pboth: fl = fl + own
     elif a.proj:
         h = D.features(T(fake)); fl, fid = logit_of(h, emb), D.classifier(h)
     else:

@@ -404,6 +404,17 @@ def test_perceptual_uses_the_wheel_weights(lite0, caplog):
     assert lite0.loss(x, x).item() == 0.0 and lite0.loss(x, x.flip(-1)).item() > 0.0
 
 
+def test_perceptual_taps_choose_which_blocks_come_back(lite0):
+    """Other users of the frozen Lite0 (a discriminator reading its features) pick their own blocks."""
+    net = perc.PerceptualNet(input_size=None, layer_weights=(1.0, 1.0), taps=(4, 15))
+    x = _faces(2, 64)
+    feats = net(x)
+    assert [f.shape[1] for f in feats] == [40, 320] and [f.shape[-1] for f in feats] == [8, 2]
+    assert torch.equal(feats[0], lite0(x)[2])  # block 4 is the default taps' third
+    with pytest.raises(ValueError, match="2 layer weights needed"):
+        perc.PerceptualNet(input_size=None, taps=(4, 15))
+
+
 def test_perceptual_vgg19_file(tmp_path):
     torch.manual_seed(0)
     ref = perc.vgg19_features()

