@@ -72,6 +72,7 @@ ap.add_argument("--ms", type=float, default=0.0, help="mode-seeking term (Mao et
 ap.add_argument("--pboth", type=int, default=0, help="with --projd and --pc cnn: D's logit is the projected heads' plus the project's own D's")
 ap.add_argument("--seed", type=int, default=0, help="torch seed of the networks' init and the batches")
 ap.add_argument("--pwidth", type=int, default=64, help="width of each projected D head")
+ap.add_argument("--pid", type=float, default=0.0, help="identity term in frozen Lite0 space: G paid for faces whose pooled deep features point like its voice's identity's real faces, with this weight")
 ap.add_argument("--decay", type=float, default=0.0, help="decay both learning rates linearly to 0 over this last fraction of the steps (0: constant)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
@@ -117,6 +118,13 @@ P = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(64, D.real_fak
 def logit_of(h, e):
     base = D.real_fake(h).squeeze(1)
     return base + a.proj * (P(e) * h).sum(1) if a.proj else base
+if a.pid:  # per identity: the mean of its real train faces' pooled Lite0 features, standardised over all faces
+    from avpgan.models.perceptual import PerceptualNet
+    pnet = PerceptualNet(input_size=64, layer_weights=(1.0, 1.0), taps=(10, 15))
+    pool = lambda x: torch.cat([f.mean((2, 3)) for f in pnet(x)], 1)
+    with torch.no_grad(): preal = torch.cat([pool(ftr[j:j + 64]) for j in range(0, len(ftr), 64)])
+    pmu, psd = preal.mean(0), preal.std(0) + 1e-6
+    ptarget = F.normalize(torch.stack([((preal[by_id[l]] - pmu) / psd).mean(0) for l in range(ids)]), dim=1)
 og = torch.optim.Adam(G.parameters(), lr=a.glr or a.lr, betas=(0.5,0.999)); od = torch.optim.Adam([p for p in [*D.parameters(), *P.parameters(), *(Dc.parameters() if Dc else [])] if p.requires_grad], lr=a.lr, betas=(0.5,0.999))
 # pixel probes fitted on real train faces
 ptr = pix(ftr); yg = np.array([A[nm]["gender"] for nm in tr["names"]]); yt = np.array([A[nm]["tone"] for nm in tr["names"]])
@@ -220,6 +228,8 @@ for s in range(1, a.steps+1):
     if a.ms > 0:  # pairs within the batch: the face distance per unit of voice distance, maximised
         ratio = (fake - fake.roll(1, 0)).abs().mean((1, 2, 3)) / (emb - emb.roll(1, 0)).abs().mean(1).clamp(min=1e-5)
         lg = lg - a.ms * ratio.mean()
+    if a.pid > 0:
+        lg = lg + a.pid * (1 - (F.normalize((pool(fake) - pmu) / psd, dim=1) * ptarget[lab]).sum(1)).mean()
     if a.l1 > 0:
         down = lambda x: F.interpolate(x, size=(a.l1size, a.l1size), mode="bilinear", antialias=True, align_corners=False)
         lg = lg + a.l1 * (down(fake) - down(face)).abs().mean()
