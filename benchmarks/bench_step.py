@@ -284,6 +284,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=8.0, help="voice crop length (8 s: 798 log-mel frames)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
+    p.add_argument("--ref-precision", choices=("fp32", "tf32", "bf16"), default=None,
+                   help="the reference's precision when it differs from avpgan's (default: --precision); "
+                        "Voice2Face as published has no autocast: fp32 on CPU, tf32 convs on a GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile every network (module.compile())")
     p.add_argument("--channels-last", action="store_true", help="G, D and the faces in channels_last")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -295,16 +298,18 @@ def main() -> None:
                                               "(the reference always runs)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args()
+    ref_precision = args.ref_precision or args.precision
+    tf32 = "tf32" if "tf32" in (args.precision, ref_precision) else "fp32"  # the TF32 switches are global
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=set_precision(args.precision))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        set_precision(args.precision)  # after Accelerator, which leaves the switches alone but be sure
+        set_precision(tf32)  # after Accelerator, which leaves the switches alone but be sure
     torch.manual_seed(0)
     host = make_batch(args.batch, args.seconds, args.identities, device)
 
-    ref = Voice2FaceStep(args.identities, args.batch, device, args.precision)
+    ref = Voice2FaceStep(args.identities, args.batch, device, ref_precision)
     variants = [Variant("Voice2Face reference (log-mel in)", lambda: ref.step(host),
                         lambda ph: setattr(ref, "phase", ph), ref.nets)]
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -332,7 +337,8 @@ def main() -> None:
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"
     frames = LogMel().num_frames(int(args.seconds * 16000))
     print(f"device {device}{threads}, torch {torch.__version__}, batch {args.batch}, {args.seconds:g} s crops "
-          f"({frames} frames), {args.precision}{', compile' if args.compile else ''}"
+          f"({frames} frames), {args.precision}{f' (reference {ref_precision})' if ref_precision != args.precision else ''}"
+          f"{', compile' if args.compile else ''}"
           f"{', channels_last' if args.channels_last else ''}, {args.identities} identities; "
           f"median of {args.repeats} interleaved runs of {args.steps} steps; vs ref: median of the per-round ratios")
     head = (f"{'step':34s} {'faces/s':>9s} {'ms/step':>9s} {'vs ref':>7s}  "
