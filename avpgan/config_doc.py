@@ -132,7 +132,8 @@ WHY: dict[type, dict[str, str]] = {
         "stages": "the stages to run, in order; a later stage reads an earlier one's weights",
         "run_dir": "where checkpoints, samples, status, the run's config and the local MLflow store go",
         "seed": "every random stream of the run derives from it, which makes resume bit-exact",
-        "mixed_precision": "Accelerate's mixed precision: bf16 or fp16 speed up GPUs",
+        "mixed_precision": "Accelerate's mixed precision: bf16 or fp16 speed up GPUs; bf16 also CPUs with bf16 "
+                           "instructions (AVX512-BF16, AMX), the GAN step about 1.5x faster there (docs/performance.md)",
         "ema_decay": "decay of the moving average of G's and the face prior's weights, which draws smoother faces "
                      "than the raw weights",
         "checkpoint_every": "steps between checkpoints: the most work a kill or preemption can lose",

@@ -334,7 +334,11 @@ def main() -> None:
         times = measure(variants, device, args.steps, args.repeats)
         shares = {v.name: phase_shares(v, device, args.phase_steps) for v in variants}
 
-    threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":  # bf16 only pays on a CPU with bf16 instructions (AVX512-BF16, AMX)
+        native = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
+        threads = f", {torch.get_num_threads()} CPU thread(s) ({torch.backends.cpu.get_cpu_capability()}, {native})"
+    else:
+        threads = f" ({torch.cuda.get_device_name(device)})"
     frames = LogMel().num_frames(int(args.seconds * 16000))
     print(f"device {device}{threads}, torch {torch.__version__}, batch {args.batch}, {args.seconds:g} s crops "
           f"({frames} frames), {args.precision}{f' (reference {ref_precision})' if ref_precision != args.precision else ''}"

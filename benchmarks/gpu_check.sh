@@ -7,8 +7,9 @@
 # else $PYTHON, else python3, which must have avpgan's dependencies (torch with CUDA, accelerate,
 # webdataset, soundfile, librosa, safetensors, pyyaml; pytest for the last check). Steps:
 #   1. benchmarks/bench_step.py: Voice2Face's step vs avpgan's (both configs, audio and bank
-#      paths) at batch 128 and 2048, fp32 and bf16; plus tf32 (the reference as published ran
-#      its convs in TF32) and bf16 + channels_last at 2048;
+#      paths) at batch 128 and 2048, fp32 and bf16 (at 128 against the reference as published,
+#      which ran its convs in TF32; at 2048 against the reference in bf16 too); plus tf32 and
+#      bf16 + channels_last at 2048;
 #   2. a small SynthVox set and its shards, made here (seconds);
 #   3. `avpgan train`, gan stage only, configs/avpgan.yaml (paper size), bank, bf16, for 100 s (with start-up
 #      and the bank build, about 2 minutes), then kill -9;
@@ -41,7 +42,7 @@ bench() {  # bench NAME ARGS...
         2>"$DIR/bench_$name.err" | tee -a "$FIG" || say "(bench_step $name failed: see bench_$name.err)"
 }
 bench b128_fp32 --batch 128 --precision fp32 --steps 20 --repeats 3 --phase-steps 5
-bench b128_bf16 --batch 128 --precision bf16 --steps 20 --repeats 3 --phase-steps 5
+bench b128_bf16 --batch 128 --precision bf16 --ref-precision tf32 --steps 20 --repeats 3 --phase-steps 5
 bench b2048_fp32 --batch 2048 --precision fp32 --steps 3 --repeats 3 --phase-steps 2
 bench b2048_bf16 --batch 2048 --precision bf16 --steps 3 --repeats 3 --phase-steps 2
 bench b2048_tf32 --batch 2048 --precision tf32 --steps 3 --repeats 2 --phase-steps 1 --only bank

@@ -85,6 +85,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # The GAN step forwards D on real and fake in one call and never leaves parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    if use_cpu and cfg.train.mixed_precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        accelerator.print("warning: train.mixed_precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 "
+                          "or AMX) is emulated, which is usually slower than fp32 (docs/performance.md)")
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
