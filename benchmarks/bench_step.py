@@ -45,6 +45,7 @@ from avpgan import config as config_mod
 from avpgan import models
 from avpgan.data import bank
 from avpgan.features import LogMel
+from avpgan.train.loop import cpu_has_bf16
 from avpgan.train.phases import PhaseTimer, record
 from avpgan.train.stages import GanStage, write_weights
 
@@ -335,7 +336,7 @@ def main() -> None:
         shares = {v.name: phase_shares(v, device, args.phase_steps) for v in variants}
 
     if device.type == "cpu":  # bf16 only pays on a CPU with bf16 instructions (AVX512-BF16, AMX)
-        native = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
+        native = "native bf16" if cpu_has_bf16() else "no native bf16"
         threads = f", {torch.get_num_threads()} CPU thread(s) ({torch.backends.cpu.get_cpu_capability()}, {native})"
     else:
         threads = f" ({torch.cuda.get_device_name(device)})"

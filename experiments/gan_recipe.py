@@ -120,8 +120,9 @@ def logit_of(h, e):
     return base + a.proj * (P(e) * h).sum(1) if a.proj else base
 if a.pid:  # per identity: the mean of its real train faces' pooled Lite0 features, standardised over all faces
     from avpgan.models.perceptual import PerceptualNet
+    sys.path.insert(0, str(Path(__file__).parent)); from projected_d import ProjD
     pnet = PerceptualNet(input_size=64, layer_weights=(1.0, 1.0), taps=(10, 15))
-    pool = lambda x: torch.cat([f.mean((2, 3)) for f in pnet(x)], 1)
+    pool = lambda x: ProjD.pooled(pnet(x))  # the features the projected C reads
     with torch.no_grad(): preal = torch.cat([pool(ftr[j:j + 64]) for j in range(0, len(ftr), 64)])
     pmu, psd = preal.mean(0), preal.std(0) + 1e-6
     ptarget = F.normalize(torch.stack([((preal[by_id[l]] - pmu) / psd).mean(0) for l in range(ids)]), dim=1)

@@ -77,6 +77,12 @@ def write_failed_status(run_dir: Path, stage: str) -> None:
         pass
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 kernels natively (AVX512-BF16 or AMX); elsewhere torch emulates
+    them, and bf16 autocast is then usually slower than fp32. Torch asks oneDNN, through a private op."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     use_cpu = not torch.cuda.is_available()
     accelerator = Accelerator(
@@ -85,7 +91,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # The GAN step forwards D on real and fake in one call and never leaves parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    if use_cpu and cfg.train.mixed_precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if use_cpu and cfg.train.mixed_precision == "bf16" and not cpu_has_bf16():
         accelerator.print("warning: train.mixed_precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 "
                           "or AMX) is emulated, which is usually slower than fp32 (docs/performance.md)")
     if accelerator.device.type == "cuda":
