@@ -73,6 +73,7 @@ ap.add_argument("--pboth", type=int, default=0, help="with --projd and --pc cnn:
 ap.add_argument("--seed", type=int, default=0, help="torch seed of the networks' init and the batches")
 ap.add_argument("--pwidth", type=int, default=64, help="width of each projected D head")
 ap.add_argument("--pid", type=float, default=0.0, help="identity term in frozen Lite0 space: G paid for faces whose pooled deep features point like its voice's identity's real faces, with this weight")
+ap.add_argument("--mbstd", type=int, default=0, help="with --projd: a minibatch-standard-deviation channel in each head (StyleGAN), against collapse")
 ap.add_argument("--decay", type=float, default=0.0, help="decay both learning rates linearly to 0 over this last fraction of the steps (0: constant)")
 a = ap.parse_args()
 torch.set_num_threads(int(__import__("os").environ.get("NT","2")))
@@ -103,7 +104,7 @@ D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn
 if a.projd:
     sys.path.insert(0, str(Path(__file__).parent)); from projected_d import ProjD
     Dc = D if a.pc == "cnn" else None  # the project's D/C: its classifier head only
-    D = ProjD(ids, a.projd, a.pwidth, 64 if a.proj else 0, bool(a.pdeep))
+    D = ProjD(ids, a.projd, a.pwidth, 64 if a.proj else 0, bool(a.pdeep), bool(a.mbstd))
 else:
     Dc = None
 from avpgan.train.ema import EMA
