@@ -23,10 +23,10 @@ class ProjD(nn.Module):
                 return nn.Sequential(*layers[:-1]), side
             built = [head(c, sd) for c, sd in zip(TAPS.values(), sides)]
             self.convs = nn.ModuleList(b[0] for b in built)
-            self.outs = nn.ModuleList(sn(nn.Conv2d(width + mbstd, 1, b[1])) for b in built)
+            self.outs = nn.ModuleList(sn(nn.Conv2d(width + int(mbstd), 1, b[1])) for b in built)
         else:
             self.convs = nn.ModuleList(sn(nn.Conv2d(c, width, 3, 1, 1)) for c in TAPS.values())
-            self.outs = nn.ModuleList(sn(nn.Conv2d(width + mbstd, 1, 1)) for _ in TAPS)
+            self.outs = nn.ModuleList(sn(nn.Conv2d(width + int(mbstd), 1, 1)) for _ in TAPS)
         self.proj = nn.ModuleList(sn(nn.Linear(cond_dim, width, bias=False)) for _ in TAPS) if cond_dim else None
         self.classifier = nn.Linear(112 + 320, ids, bias=False)
 
