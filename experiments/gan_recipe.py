@@ -17,6 +17,9 @@ from avpgan import models
 from avpgan.images import make_grid, save_png
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).parent))
+from projected_d import ProjD  # the Projected-GAN D (--projd) and the pooling its C and --pid read
+
 EXP = Path(__import__("os").environ.get("AVPGAN_EXP", "data/recipe"))
 SH = EXP / "shards"
 
@@ -102,7 +105,6 @@ gch, dch = json.loads(a.gch), json.loads(a.dch)
 G = models.Generator(channels=gch, spectral_norm=bool(a.sn), cbam=bool(a.cbam), cbam_reduction=4, batch_norm=bool(a.bn), tanh=bool(a.tanh), init=a.init, upsample=a.up)
 D = models.FaceDiscriminator(ids, channels=dch, spectral_norm=bool(a.sn or a.dsn), cbam=bool(a.cbam), cbam_reduction=4, init=a.dinit)
 if a.projd:
-    sys.path.insert(0, str(Path(__file__).parent)); from projected_d import ProjD
     Dc = D if a.pc == "cnn" else None  # the project's D/C: its classifier head only
     D = ProjD(ids, a.projd, a.pwidth, 64 if a.proj else 0, bool(a.pdeep), bool(a.mbstd))
 else:
@@ -121,7 +123,6 @@ def logit_of(h, e):
     return base + a.proj * (P(e) * h).sum(1) if a.proj else base
 if a.pid:  # per identity: the mean of its real train faces' pooled Lite0 features, standardised over all faces
     from avpgan.models.perceptual import PerceptualNet
-    sys.path.insert(0, str(Path(__file__).parent)); from projected_d import ProjD
     pnet = PerceptualNet(input_size=64, layer_weights=(1.0, 1.0), taps=(10, 15))
     pool = lambda x: ProjD.pooled(pnet(x))  # the features the projected C reads
     with torch.no_grad(): preal = torch.cat([pool(ftr[j:j + 64]) for j in range(0, len(ftr), 64)])
